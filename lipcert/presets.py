@@ -1,0 +1,72 @@
+"""Named training presets. Every field can be overridden by a ``lipcert train`` flag.
+
+Each preset has a ``-tiny`` variant (same architecture family, a few seconds of training)
+that the test-suite uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from lipcert.errors import LipcertError
+from lipcert.train_config import TrainConfig
+
+_VIT_MNIST = dict(arch="vit", dataset="mnist", d_model=64, n_layers=2, n_heads=4,
+                  patch_size=7, image_size=28, channels=1, num_classes=10,
+                  batch_size=128, eval_every=100)
+_GPT_SHAKESPEARE = dict(arch="gpt", dataset="shakespeare", n_heads=4, eval_every=100,
+                        eval_batches=8)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "vit-mnist-lipschitz": dict(
+        _VIT_MNIST, family="lipschitz", optimizer="muon", lr=0.05, adam_lr=3e-3,
+        constraint="spectral_cap", w_max=4.0, final_scale=1.0, softmax_scale=4.0, steps=3000,
+    ),
+    "vit-mnist-standard": dict(
+        _VIT_MNIST, family="standard", optimizer="adamw", adam_lr=3e-3, weight_decay=0.05,
+        constraint="none", w_max=0.0, steps=3000,
+    ),
+    # The paper's Shakespeare configuration (public notebook): d 256, context 256, 3 blocks,
+    # 4 heads, Muon lr 0.1, soft cap at w_max 6, zero-initialised outputs, batch 512,
+    # 2,000 steps with linear decay. About 2M parameters: meant for a GPU.
+    "gpt-shakespeare-lipschitz-paper": dict(
+        _GPT_SHAKESPEARE, family="lipschitz", d_model=256, n_layers=3, context=256,
+        optimizer="muon", lr=0.1, adam_lr=3e-3, constraint="soft_cap", w_max=6.0,
+        zero_init_out=True, softmax_scale=1.0, final_scale=1.0, batch_size=512, steps=2000,
+    ),
+    "gpt-shakespeare-standard-paper": dict(
+        _GPT_SHAKESPEARE, family="standard", d_model=256, n_layers=3, context=256,
+        optimizer="adamw", adam_lr=3e-3, weight_decay=0.1, constraint="none", w_max=0.0,
+        batch_size=512, steps=2000,
+    ),
+    # The same architectures sized for about 10 minutes on a 2-core CPU.
+    "gpt-shakespeare-lipschitz": dict(
+        _GPT_SHAKESPEARE, family="lipschitz", d_model=128, n_layers=3, context=256,
+        optimizer="muon", lr=0.1, adam_lr=3e-3, constraint="soft_cap", w_max=6.0,
+        zero_init_out=True, softmax_scale=1.0, final_scale=1.0, batch_size=32, steps=1500,
+    ),
+    "gpt-shakespeare-standard": dict(
+        _GPT_SHAKESPEARE, family="standard", d_model=128, n_layers=3, context=256,
+        optimizer="adamw", adam_lr=3e-3, weight_decay=0.1, constraint="none", w_max=0.0,
+        batch_size=32, steps=1500,
+    ),
+}
+
+_TINY = dict(steps=100, eval_every=20, d_model=32, n_layers=1, n_heads=2)
+_TINY_GPT = dict(_TINY, context=32, batch_size=16, eval_batches=2)
+for _name in list(PRESETS):
+    if _name.endswith("-paper"):
+        continue
+    PRESETS[f"{_name}-tiny"] = dict(
+        PRESETS[_name], **(_TINY_GPT if _name.startswith("gpt") else dict(_TINY, batch_size=64))
+    )
+
+PRESET_NAMES = sorted(PRESETS)
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """The TrainConfig of a named preset, with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise LipcertError(f"unknown preset {name!r}; known presets: {', '.join(PRESET_NAMES)}")
+    return replace(TrainConfig(preset=name, **PRESETS[name]), **overrides)

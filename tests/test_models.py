@@ -1,0 +1,108 @@
+"""The models: both architectures in both families, their export, and the paper's choices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lipcert.models import ModelConfig, build_model, constrained_matrices, example_input
+from lipcert.models.blocks import Attention
+from lipcert.models.ops import token_ball
+
+CONFIGS = [
+    ModelConfig(arch=arch, family=family, d_model=32, n_layers=2, n_heads=4, vocab_size=40,
+                context=16, softmax_scale=3.0, final_scale=2.0)
+    for arch in ("vit", "gpt")
+    for family in ("lipschitz", "standard")
+]
+IDS = [f"{c.arch}-{c.family}" for c in CONFIGS]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_export_and_pt2_round_trip_reproduce_outputs(config: ModelConfig, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    x = example_input(config, batch=3)
+    expected = model(x)
+    program = torch.export.export(model, (x,))
+    torch.testing.assert_close(program.module()(x), expected, rtol=0, atol=1e-6)
+    torch.export.save(program, tmp_path / "m.pt2")
+    reloaded = torch.export.load(tmp_path / "m.pt2")
+    torch.testing.assert_close(reloaded.module()(x), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_output_shapes(config: ModelConfig) -> None:
+    out = build_model(config)(example_input(config, batch=3))
+    if config.arch == "vit":
+        assert out.shape == (3, config.num_classes)
+    else:
+        assert out.shape == (3, config.context, config.vocab_size)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.family == "lipschitz"],
+                         ids=[i for i in IDS if "lipschitz" in i])
+def test_lipschitz_family_has_no_layernorm_and_no_biases(config: ModelConfig) -> None:
+    model = build_model(config)
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Linear))
+    for _, weight in constrained_matrices(model):
+        fan_out, fan_in = weight.shape
+        sigma = torch.linalg.matrix_norm(weight.detach().double(), ord=2)
+        rms_norm = sigma * math.sqrt(fan_in / fan_out)
+        assert rms_norm.item() == pytest.approx(1.0, rel=1e-5)  # orthogonal init: unit RMS norm
+
+
+def test_lipschitz_attention_uses_one_over_d_scores_and_one_third_output() -> None:
+    torch.manual_seed(0)
+    attn = Attention(d_model=16, n_heads=2, family="lipschitz", causal=True, softmax_scale=5.0)
+    x = torch.randn(1, 6, 16)
+    q, k, v = (lin(x).view(1, 6, 2, 8).transpose(1, 2) for lin in (attn.q, attn.k, attn.v))
+    scores = 5.0 * q @ k.transpose(-1, -2) / 8
+    scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), -math.inf)
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 6, 16)
+    torch.testing.assert_close(attn(x), attn.o(y) / 3)
+
+
+def test_lipschitz_residual_is_convex_combination() -> None:
+    config = ModelConfig(arch="vit", family="lipschitz", d_model=16, n_layers=3, n_heads=2)
+    block = build_model(config).blocks[0]
+    assert block.alpha == pytest.approx(1 / 6)
+    nn.init.zeros_(block.attn.o.weight)
+    nn.init.zeros_(block.mlp.down.weight)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(block(x), (5 / 6) ** 2 * x)
+
+
+def test_gpt_embedding_rows_have_rms_at_most_one() -> None:
+    config = CONFIGS[2]
+    model = build_model(config)
+    with torch.no_grad():
+        model.token_embed.weight.mul_(10)
+    rms = model.embedding_table().pow(2).mean(dim=1).sqrt()
+    assert rms.max() <= 1 + 1e-6
+
+
+def test_token_ball_is_nonexpansive_and_bounded() -> None:
+    g = torch.Generator().manual_seed(0)
+    radius = 3.0
+    worst = 0.0
+    for _ in range(200):
+        scale = torch.rand(1, generator=g) * 10
+        x = torch.randn(4, 7, generator=g, dtype=torch.float64) * scale
+        y = x + torch.randn(4, 7, generator=g, dtype=torch.float64) * torch.rand(1, generator=g)
+        px, py = token_ball(x, radius), token_ball(y, radius)
+        assert torch.linalg.vector_norm(px, dim=-1).max() <= radius * (1 + 1e-12)
+        ratio = torch.linalg.vector_norm(px - py) / torch.linalg.vector_norm(x - y)
+        worst = max(worst, ratio.item())
+    assert worst <= 1 + 1e-12
+
+
+def test_vit_rejects_indivisible_patch_size() -> None:
+    from lipcert.errors import LipcertError
+
+    with pytest.raises(LipcertError, match="patch_size"):
+        ModelConfig(arch="vit", family="standard", image_size=28, patch_size=5)
