@@ -38,6 +38,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_writable(run_dir: str | Path, overwrite: bool = False) -> None:
+    """Fail before training, not after, when ``run_dir`` cannot be written."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
+        raise LipcertError(f"{run_dir} already exists and is not empty; pass --overwrite")
+    parent = run_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{run_dir.name}.", dir=parent):
+            pass
+    except OSError as err:
+        raise LipcertError(f"cannot write the run directory {run_dir}: {err.strerror}") from err
+
+
 def save_run(result: TrainResult, run_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``result`` as a run directory, atomically.
 
@@ -45,14 +59,8 @@ def save_run(result: TrainResult, run_dir: str | Path, overwrite: bool = False) 
     place, so an interrupted or failed save never leaves a half-written run directory.
     """
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise LipcertError(f"{run_dir} already exists and is not empty; pass --overwrite")
-    parent = run_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=parent))
-    except OSError as err:
-        raise LipcertError(f"cannot write the run directory {run_dir}: {err.strerror}") from err
+    check_writable(run_dir, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.resolve().parent))
     try:
         _write_run(result, tmp)
         if run_dir.exists():

@@ -53,7 +53,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from lipcert.checkpoint import save_run
+    from lipcert.checkpoint import check_writable, save_run
     from lipcert.presets import preset
     from lipcert.train import train
     from lipcert.train_config import TrainConfig
@@ -61,8 +61,7 @@ def _run_train(args: argparse.Namespace) -> int:
     flags = {f.name for f in fields(TrainConfig)} - _NOT_FLAGS
     overrides = {k: v for k, v in vars(args).items() if k in flags and v is not None}
     config = preset(args.preset, **overrides)
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise LipcertError(f"{args.out} already exists and is not empty; pass --overwrite")
+    check_writable(args.out, args.overwrite)
     result = train(config, progress=not args.quiet)
     save_run(result, args.out, overwrite=args.overwrite)
     m = result.metrics
