@@ -106,3 +106,24 @@ def test_vit_rejects_indivisible_patch_size() -> None:
 
     with pytest.raises(LipcertError, match="patch_size"):
         ModelConfig(arch="vit", family="standard", image_size=28, patch_size=5)
+
+
+def test_token_ball_derivatives_agree_in_every_autodiff_mode() -> None:
+    """Forward mode must not silently return a zero tangent (it did for a custom_op)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64) * 4
+    v = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    _, forward = torch.func.jvp(lambda t: token_ball(t, 2.0), (x,), (v,))
+    jacobian = torch.autograd.functional.jacobian(lambda t: token_ball(t, 2.0), x)
+    expected = torch.einsum("ijkl,kl->ij", jacobian, v)
+    torch.testing.assert_close(forward, expected)
+    assert forward.abs().sum() > 0
+    assert torch.autograd.gradcheck(lambda t: token_ball(t, 2.0), (x.requires_grad_(),))
+
+
+def test_token_ball_is_one_node_in_the_exported_graph() -> None:
+    model = build_model(CONFIGS[0]).eval()
+    program = torch.export.export(model, (example_input(CONFIGS[0]),))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("lipcert.token_ball.default") == 1
+    assert "aten.linalg_vector_norm.default" not in targets
