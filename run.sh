@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's two commands:
-#   ./run.sh demo [ARGS]   set up .venv/ and run the main job (the default preset)
+#   ./run.sh demo [ARGS]   set up .venv/ and run the main job (lipcert demo; ARGS go to it)
 #   ./run.sh test [ARGS]   set up .venv/ and run the test suite (ARGS go to pytest)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -9,13 +9,7 @@ cmd="${1:-}"
 case "$cmd" in
     demo)
         bash scripts/setup.sh
-        out="runs/vit-mnist-lipschitz"
-        if [ -f "$out/config.json" ]; then
-            echo "reusing the finished run in $out (delete it to train again)"
-        else
-            .venv/bin/lipcert train --preset vit-mnist-lipschitz --out "$out" "$@"
-        fi
-        echo "run directory: $(pwd)/$out"
+        exec .venv/bin/lipcert demo "$@"
         ;;
     test)
         bash scripts/setup.sh

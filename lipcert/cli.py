@@ -11,8 +11,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from attacks.cli import add_attack_parser
+from lipcert.certify_cli import add_certify_parser
+from lipcert.demo import add_demo_parser
 from lipcert.errors import LipcertError
 from lipcert.presets import PRESET_NAMES
+from reports.cli import add_report_parser
 
 # TrainConfig fields that are not flags of their own (set by --preset, or by the data).
 _NOT_FLAGS = {"preset", "arch", "image_size", "channels", "num_classes"}
@@ -81,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    add_certify_parser(sub)
+    add_attack_parser(sub)
+    add_report_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -21,7 +21,7 @@ _GPT_SHAKESPEARE = dict(arch="gpt", dataset="shakespeare", n_heads=4, eval_every
 PRESETS: dict[str, dict[str, Any]] = {
     "vit-mnist-lipschitz": dict(
         _VIT_MNIST, family="lipschitz", optimizer="muon", lr=0.05, adam_lr=3e-3,
-        constraint="spectral_cap", w_max=4.0, final_scale=1.0, softmax_scale=4.0, steps=3000,
+        constraint="spectral_cap", w_max=2.0, final_scale=8.0, softmax_scale=1.0, steps=3000,
     ),
     "vit-mnist-standard": dict(
         _VIT_MNIST, family="standard", optimizer="adamw", adam_lr=3e-3, weight_decay=0.05,
@@ -44,12 +44,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-shakespeare-lipschitz": dict(
         _GPT_SHAKESPEARE, family="lipschitz", d_model=128, n_layers=3, context=256,
         optimizer="muon", lr=0.1, adam_lr=3e-3, constraint="soft_cap", w_max=6.0,
-        zero_init_out=True, softmax_scale=1.0, final_scale=1.0, batch_size=32, steps=1500,
+        zero_init_out=True, softmax_scale=1.0, final_scale=1.0, batch_size=32, steps=600,
     ),
     "gpt-shakespeare-standard": dict(
         _GPT_SHAKESPEARE, family="standard", d_model=128, n_layers=3, context=256,
         optimizer="adamw", adam_lr=3e-3, weight_decay=0.1, constraint="none", w_max=0.0,
-        batch_size=32, steps=1500,
+        batch_size=32, steps=600,
     ),
 }
 

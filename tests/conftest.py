@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from lipcert.checkpoint import save_run
 from lipcert.presets import preset
 from lipcert.train import train
+
+# Two cores: one torch thread per test process avoids pathological slowdowns when other
+# processes (pytest-xdist workers, the machine's other jobs) share the cores.
+torch.set_num_threads(1)
 
 TINY_PRESETS = [
     "vit-mnist-lipschitz-tiny",

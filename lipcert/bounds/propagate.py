@@ -1,0 +1,584 @@
+"""Walk an ``ExportedProgram``'s ATen graph node by node and apply the rule table.
+
+``Propagator(program_or_module, example)`` prepares a graph once (parameters, constants,
+caches for weight norms and shape analyses); ``run(domain, ...)`` propagates bounds for one
+input set and returns a :class:`Propagation` with the bounds of the output and of every node.
+
+Nodes that do not depend on the model input are evaluated exactly ("constant folding": a
+GPT's normalised embedding table, masks, ...). Every other node goes to its rule; a missing
+rule raises :class:`UnsupportedOpError` naming the op, the module and how to add a rule.
+After each rule, :func:`finalize` applies the relations that hold for every node:
+lip_tok ≤ lip ≤ lip_tok·√(rows), tok_norm ≤ norm ≤ tok_norm·√(rows), the norms implied by the
+intervals, and in local mode (ball of radius r) the bounds around the centre value:
+|Δy_e| ≤ ‖Δ row‖ ≤ lip_tok·r, ‖y‖ ≤ ‖y₀‖ + lip·r, ‖y_row‖ ≤ max‖y₀_row‖ + lip_tok·r.
+Intervals are widened outwards by 1e-12 relative to each element and 1e-13 relative to its
+row's largest magnitude after every node, which covers the float64 rounding of the rules'
+elementwise formulas and of the centre values (dot products are widened in their rules).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+import lipcert.bounds.rules  # noqa: F401  (registers the rules)
+from lipcert.bounds.errors import UnsupportedOpError
+from lipcert.bounds.registry import lookup
+from lipcert.bounds.state import (
+    F64,
+    Bound,
+    BoxDomain,
+    Const,
+    Ctx,
+    Domain,
+    EmbeddingDomain,
+    Opaque,
+    as_domain,
+    interval_norms,
+    one_thread,
+    per_elem,
+    rows_per_sample,
+    value_norms,
+)
+from lipcert.errors import LipcertError
+
+# --------------------------------------------------------------------------- one node
+
+
+def _op_names(target: Any) -> tuple[str, str]:
+    """(display name, Python expression for registering a rule) of a graph target."""
+    if hasattr(target, "overloadpacket"):
+        ns = getattr(target, "namespace", "aten")
+        packet = target.overloadpacket.__name__
+        return str(target), f"torch.ops.{ns}.{packet}"
+    name = getattr(target, "__name__", repr(target))
+    mod = getattr(target, "__module__", "")
+    return f"{mod}.{name}" if mod else name, f"{mod}.{name}" if mod else name
+
+
+def _rule_file(target: Any) -> str:
+    if hasattr(target, "overloadpacket") and getattr(target, "namespace", "aten") != "aten":
+        return "custom.py"
+    name = getattr(getattr(target, "overloadpacket", target), "__name__", str(target)).lower()
+    groups = [
+        ("norm.py", ("norm",)),
+        ("pool.py", ("pool",)),
+        ("attention.py", ("attention",)),
+        ("linear.py", ("conv", "mm", "linear", "matmul", "einsum", "bilinear")),
+        ("shape.py", ("view", "reshape", "permute", "index", "gather", "scatter", "pad",
+                      "roll", "flip", "select", "slice", "cat", "stack", "split", "squeeze",
+                      "expand", "repeat", "transpose", "unfold", "narrow", "chunk")),
+        ("arithmetic.py", ("add", "sub", "mul", "div", "sum", "mean", "prod", "max", "min",
+                           "cumsum", "where", "fill")),
+    ]
+    for file, keys in groups:
+        if any(k in name for k in keys):
+            return file
+    return "activation.py"
+
+
+def module_of(node: Any) -> tuple[str, str]:
+    """(path, class) of the innermost module a node came from; ('', '') if unknown."""
+    stack = getattr(node, "meta", {}).get("nn_module_stack") or {}
+    entries = [v for v in stack.values() if isinstance(v, tuple) and len(v) == 2]
+    if not entries:
+        return "", ""
+    path, cls = entries[-1]
+    return str(path), cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+
+
+def unsupported_message(target: Any, node: Any) -> str:
+    shown, expr = _op_names(target)
+    path, cls = module_of(node)
+    where = f"module '{path}' ({cls})" if path else "the model's top level"
+    node_name = getattr(node, "name", "?")
+    packet = expr.rsplit(".", 1)[-1]
+    return (
+        f"no bound rule for operator {shown} (graph node '{node_name}', from {where}). "
+        f"Add one in lipcert/bounds/rules/{_rule_file(target)}:\n"
+        f"    @lipcert.bounds.rule({expr})\n"
+        f"    def {packet}(ctx, x, *args):\n"
+        f'        """<the derivation of the bound>"""\n'
+        f"        return Bound(...)\n"
+        "(see lipcert/bounds/state.py for what a Bound holds)."
+    )
+
+
+def _fold(ctx: Ctx, target: Any, args: Any, kwargs: Any) -> Any:
+    """Evaluate a node that does not depend on the input."""
+    a, k = tree_map(lambda x: x.t if isinstance(x, Const) else x, (args, kwargs))
+    out = target(*a, **k)
+    base = getattr(ctx.node, "name", None)
+    flat, spec = tree_flatten(out)
+    wrapped = [
+        Const(t, base if len(flat) == 1 else (None if base is None else f"{base}[{i}]"))
+        if isinstance(t, Tensor)
+        else t
+        for i, t in enumerate(flat)
+    ]
+    return tree_unflatten(wrapped, spec)
+
+
+def _to_value(x: Any) -> Any:
+    if isinstance(x, Bound):
+        return x.value
+    if isinstance(x, Const):
+        return x.t.to(F64) if x.t.is_floating_point() else x.t
+    return x
+
+
+_VIEWS = (torch.ops.aten.view, torch.ops.aten._unsafe_view, torch.ops.aten.view_copy)
+
+
+def _fill_values(ctx: Ctx, target: Any, args: Any, kwargs: Any, out: Any) -> None:
+    """Centre values of a rule's outputs (local mode): the op itself on the inputs' values."""
+    outs = [o for o in tree_flatten(out)[0] if isinstance(o, Bound)]
+    if not outs or all(o.value is not None for o in outs):
+        return
+    a, k = tree_map(_to_value, (args, kwargs))
+    if getattr(target, "overloadpacket", None) in _VIEWS:
+        target = torch.ops.aten.reshape.default
+    with torch.no_grad():
+        vals = target(*a, **k)
+    flat_out, _ = tree_flatten(out)
+    flat_val, _ = tree_flatten(vals)
+    if len(flat_val) != len(flat_out):
+        flat_val = [vals] if isinstance(vals, Tensor) else flat_val
+    for o, v in zip(flat_out, flat_val, strict=False):
+        if isinstance(o, Bound) and o.value is None and isinstance(v, Tensor):
+            o.value = v.to(F64)
+
+
+def _clean(t: Tensor, nan: float) -> Tensor:
+    t = t.to(F64)
+    return torch.nan_to_num(t, nan=nan, posinf=math.inf, neginf=-math.inf) if bool(
+        torch.isnan(t).any()
+    ) else t
+
+
+def finalize(ctx: Ctx, b: Bound, exact: bool = False) -> Bound:
+    """The relations that hold for every node (module docstring), applied after each rule.
+    ``exact``: the rule only moved or copied elements (its intervals are exact images of
+    already finalised ones), so the interval work is skipped."""
+    n = ctx.n
+    lip = _clean(b.lip, math.inf).expand(n)
+    lip_tok = torch.minimum(_clean(b.lip_tok, math.inf).expand(n), lip)
+    norm = _clean(b.norm, math.inf).expand(n)
+    tok = _clean(b.tok_norm, math.inf).expand(n)
+    lo, hi = b.lo, b.hi
+    value = None if b.value is None else b.value.to(F64)
+    if not exact:
+        lo, hi = _clean(lo, -math.inf), _clean(hi, math.inf)
+        mag = torch.maximum(lo.abs(), hi.abs())
+        fin = torch.where(torch.isfinite(mag), mag, torch.zeros((), dtype=F64))
+        row = fin.amax(-1, keepdim=True) if fin.dim() and fin.shape[-1] else fin
+        pad = 1e-12 * fin + 1e-13 * row + 1e-300
+        lo, hi = lo - pad, hi + pad
+        if value is not None:
+            lo, hi = torch.minimum(lo, value), torch.maximum(hi, value)
+            if ctx.local:
+                assert ctx.radius is not None
+                d = per_elem(lip_tok * ctx.radius, b.sid, value.shape)
+                lo = torch.maximum(lo, value - d - pad)
+                hi = torch.minimum(hi, value + d + pad)
+        in_n, in_t = interval_norms(lo, hi, b.sid, n)
+        norm = torch.minimum(norm, in_n)
+        tok = torch.minimum(tok, in_t)
+    if value is not None and ctx.local:
+        assert ctx.radius is not None
+        vn, vt = value_norms(value, b.sid, n)
+        norm = torch.minimum(norm, vn + lip * ctx.radius)
+        tok = torch.minimum(tok, vt + lip_tok * ctx.radius)
+    rows = rows_per_sample(lo.shape, b.sid, n).sqrt()
+    lip = torch.minimum(lip, lip_tok * rows)
+    all_rows = rows_per_sample(lo.shape, b.sid, n, with_constant_rows=True).sqrt()
+    norm = torch.minimum(norm, tok * all_rows)
+    tok = torch.minimum(tok, norm)
+    tok_l1 = b.tok_l1
+    last = lo.shape[-1] if lo.dim() else 1
+    l1_cap = math.sqrt(last) * tok
+    tok_l1 = l1_cap if tok_l1 is None else torch.minimum(_clean(tok_l1, math.inf), l1_cap)
+    return Bound(lo, hi, lip.clone(), lip_tok.clone(), norm.clone(), tok.clone(),
+                 sid=b.sid, value=value, tok_l1=tok_l1)
+
+
+def apply_op(ctx: Ctx, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+             ) -> Any:
+    """Bounds of ``target(*args, **kwargs)`` where the arguments are Bounds, Consts or
+    Python values: constant folding, or the op's rule followed by :func:`finalize`."""
+    kwargs = kwargs or {}
+    if target is operator.getitem and isinstance(args[0], list | tuple):
+        return args[0][args[1]]
+    leaves = tree_flatten((args, kwargs))[0]
+    for leaf in leaves:
+        if isinstance(leaf, Opaque):
+            raise UnsupportedOpError(
+                f"{_op_names(target)[0]} uses {leaf.reason}, which has no bounds "
+                f"(graph node '{getattr(ctx.node, 'name', '?')}')"
+            )
+    if not any(isinstance(leaf, Bound) for leaf in leaves):
+        return _fold(ctx, target, args, kwargs)
+    fn = lookup(target)
+    if fn is None:
+        raise UnsupportedOpError(unsupported_message(target, ctx.node))
+    ctx.notes = {}
+    out = fn(ctx, *args, **kwargs)
+    if ctx.local:
+        _fill_values(ctx, target, args, kwargs, out)
+    exact = bool(ctx.notes.get("exact", False))
+    return tree_map(lambda o: finalize(ctx, o, exact) if isinstance(o, Bound) else o, out)
+
+
+# --------------------------------------------------------------------------- programs
+
+
+def input_bound(
+    ctx: Ctx,
+    domain: Domain,
+    shape: tuple[int, ...],
+    center: Tensor | None = None,
+    box: tuple[Tensor, Tensor] | None = None,
+) -> Bound:
+    """Bounds of the model input (lip = lip_tok = 1) over the input set: the domain (and the
+    elementwise ``box`` if given), intersected in local mode with the balls of radius
+    ``ctx.radius`` around the rows of ``center``."""
+    n = shape[0]
+    if isinstance(domain, BoxDomain):
+        dlo, dhi = domain.lo, domain.hi
+    else:
+        dlo, dhi = -domain.max_norm, domain.max_norm
+    lo = torch.full(shape, float(dlo), dtype=F64)
+    hi = torch.full(shape, float(dhi), dtype=F64)
+    if box is not None:
+        lo = torch.maximum(lo, box[0].to(F64))
+        hi = torch.minimum(hi, box[1].to(F64))
+    value = None
+    if center is not None:
+        value = center.detach().to(F64)
+        assert ctx.radius is not None
+        r = ctx.radius.reshape(n, *([1] * (len(shape) - 1)))
+        lo = torch.maximum(lo, value - r)
+        hi = torch.minimum(hi, value + r)
+    sid = None
+    if n > 1:
+        sid = torch.arange(n).reshape(n, *([1] * (len(shape) - 1))).expand(shape)
+    norm, tok = interval_norms(lo, hi, sid, n)
+    if isinstance(domain, EmbeddingDomain):
+        tok = torch.clamp(tok, max=domain.max_norm)
+    one = torch.ones(n, dtype=F64)
+    return finalize(ctx, Bound(lo, hi, one, one.clone(), norm, tok, sid=sid, value=value))
+
+
+
+
+def as_program(model: nn.Module | ExportedProgram, example: Tensor) -> ExportedProgram:
+    """``torch.export`` a module (in eval mode, batch dimension dynamic where possible)."""
+    if isinstance(model, ExportedProgram):
+        return model
+    if not isinstance(model, nn.Module):
+        raise LipcertError(f"expected an nn.Module or ExportedProgram, got {type(model).__name__}")
+    ex = example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:]).clone()
+    training = model.training
+    model.eval()
+    try:
+        try:
+            return torch.export.export(
+                model, (ex,), dynamic_shapes=({0: torch.export.Dim.AUTO},)
+            )
+        except Exception:
+            return torch.export.export(model, (ex,))
+    finally:
+        model.train(training)
+
+
+@dataclass
+class Propagation:
+    """The result of one run: bounds of the output and of every node (by node name)."""
+
+    output: Any
+    env: dict[str, Any]
+    ctx: Ctx
+    program: ExportedProgram
+
+    @property
+    def lip(self) -> Tensor:
+        """Per-sample Lipschitz bound of the (first) output in L2 → L2."""
+        out = self.output
+        while isinstance(out, list | tuple):
+            out = out[0]
+        if isinstance(out, Const):
+            return self.ctx.full(0.0)
+        return out.lip
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per node with bounds: name, op, module, and the largest bounds."""
+        rows = []
+        for node in self.program.graph.nodes:
+            b = self.env.get(node.name)
+            if isinstance(b, Bound):
+                rows.append({
+                    "node": node.name,
+                    "op": str(node.target),
+                    "module": module_of(node)[0],
+                    "lip": float(b.lip.max()),
+                    "lip_tok": float(b.lip_tok.max()),
+                    "norm": float(b.norm.max()),
+                    "tok_norm": float(b.tok_norm.max()),
+                })
+        return rows
+
+
+@dataclass
+class LayerRow:
+    name: str
+    kind_of_layer: str
+    upper: float
+    kind: str = "upper"
+    params: int = 0
+
+
+@dataclass
+class Propagator:
+    """Bound propagation over one exported program (see the module docstring)."""
+
+    program: ExportedProgram
+    method: str = "exact"
+    norm_cache: dict[Any, Any] = field(default_factory=dict)
+    shape_cache: dict[Any, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("exact", "gram"):
+            raise LipcertError(f"unknown norm method {self.method!r}; use 'exact' or 'gram'")
+        ep = self.program
+        self.graph = ep.graph
+        self.consts: dict[str, Const] = {}
+        users = []
+        for spec in ep.graph_signature.input_specs:
+            name = spec.arg.name
+            if spec.kind == InputKind.USER_INPUT:
+                users.append(name)
+                continue
+            if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER,
+                                 InputKind.CONSTANT_TENSOR):
+                raise UnsupportedOpError(f"graph input {name} of kind {spec.kind} is unsupported")
+            t = ep.state_dict.get(spec.target)
+            if t is None:
+                t = ep.constants.get(spec.target)
+            if not isinstance(t, Tensor):
+                raise LipcertError(f"no value for graph input {name} ({spec.target})")
+            self.consts[name] = Const(t.detach(), name)
+        if len(users) != 1:
+            raise LipcertError(
+                f"lipcert certifies models with exactly one tensor input; this one has {users}"
+            )
+        self.input_name = users[0]
+        node = next(n for n in self.graph.nodes if n.name == self.input_name)
+        val = node.meta.get("val")
+        self.input_shape = tuple(val.shape) if isinstance(val, Tensor) else None
+        b0 = None if self.input_shape is None else self.input_shape[0]
+        self.static_batch: int | None = b0 if isinstance(b0, int) else None
+        self.param_names = dict(ep.graph_signature.inputs_to_parameters)
+
+    @classmethod
+    def from_model(
+        cls, model: nn.Module | ExportedProgram, example: Tensor, method: str = "exact"
+    ) -> Propagator:
+        return cls(as_program(model, example), method=method)
+
+    # ------------------------------------------------------------------ running
+
+    def input_bound(
+        self, ctx: Ctx, domain: Domain, shape: tuple[int, ...], center: Tensor | None
+    ) -> Bound:
+        return input_bound(ctx, domain, shape, center)
+
+    def context(self, n: int, radius: Tensor | None, ibp: bool = True) -> Ctx:
+        return Ctx(n, radius=radius, method=self.method, ibp=ibp,
+                   norm_cache=self.norm_cache, shape_cache=self.shape_cache)
+
+    def run(
+        self,
+        domain: Any = (0.0, 1.0),
+        *,
+        sample_shape: Iterable[int] | None = None,
+        center: Tensor | None = None,
+        radius: Tensor | float | None = None,
+        ibp: bool = True,
+    ) -> Propagation:
+        """Propagate bounds for the input set: the whole domain (``center`` None: global
+        mode, one sample per graph batch entry) or balls of ``radius`` around each row of
+        ``center`` intersected with the domain (local mode)."""
+        dom = as_domain(domain)
+        if center is not None:
+            n = center.shape[0]
+            if radius is None:
+                raise LipcertError("local mode needs a radius")
+            r = torch.as_tensor(radius, dtype=F64).expand(n).clone()
+            if bool((r < 0).any()):
+                raise LipcertError("radii must be ≥ 0")
+            shape = tuple(center.shape)
+        else:
+            r = None
+            n = self.static_batch or 1
+            if sample_shape is None:
+                if self.input_shape is None or not all(
+                    isinstance(s, int) for s in self.input_shape[1:]
+                ):
+                    raise LipcertError("give sample_shape: the program's input shape is dynamic")
+                sample_shape = self.input_shape[1:]
+            shape = (n, *tuple(sample_shape))
+        if self.static_batch is not None and n != self.static_batch:
+            raise LipcertError(
+                f"this program was exported with a fixed batch of {self.static_batch}; "
+                f"got {n} samples"
+            )
+        with one_thread():
+            return self._run(dom, shape, center, n, r, ibp)
+
+    def _run(self, dom: Domain, shape: tuple[int, ...], center: Tensor | None, n: int,
+             r: Tensor | None, ibp: bool) -> Propagation:
+        ctx = self.context(n, r, ibp)
+        env: dict[str, Any] = {}
+        output = None
+        for node in self.graph.nodes:
+            if node.op == "placeholder":
+                if node.name == self.input_name:
+                    env[node.name] = self.input_bound(ctx, dom, shape, center)
+                else:
+                    env[node.name] = self.consts[node.name]
+            elif node.op == "call_function":
+                env[node.name] = self._apply(ctx, node, env)
+            elif node.op == "output":
+                output = tree_map(
+                    lambda a: env[a.name] if isinstance(a, torch.fx.Node) else a, node.args[0]
+                )
+            else:
+                raise UnsupportedOpError(f"graph node {node.name} of kind {node.op}")
+        if isinstance(output, list | tuple) and len(output) == 1:
+            output = output[0]
+        return Propagation(output, env, ctx, self.program)
+
+    def _apply(self, ctx: Ctx, node: Any, env: dict[str, Any]) -> Any:
+        def get(a: Any) -> Any:
+            return env[a.name] if isinstance(a, torch.fx.Node) else a
+
+        args = tree_map(get, node.args)
+        kwargs = tree_map(get, dict(node.kwargs))
+        ctx.node = node
+        try:
+            return apply_op(ctx, node.target, args, kwargs)
+        finally:
+            ctx.node = None
+
+    # ------------------------------------------------------------------ per-layer table
+
+    def layer_table(self, prop: Propagation) -> list[LayerRow]:
+        """Each top-level block (depth 1 and 2 below the model) and each module that owns
+        weights: the Lipschitz bound of that module alone, propagated with lip = 1 at its
+        inputs and the model's own activation bounds (from ``prop``)."""
+        stacks: dict[str, list[tuple[str, str]]] = {}
+        order: dict[str, str] = {}
+        param_owner = {
+            t.rsplit(".", 1)[0] if "." in t else "" for t in self.param_names.values()
+        }
+        for node in self.graph.nodes:
+            if node.op != "call_function":
+                continue
+            stack = node.meta.get("nn_module_stack") or {}
+            entries = [v for v in stack.values() if isinstance(v, tuple) and len(v) == 2]
+            stacks[node.name] = entries
+            for depth, (path, cls) in enumerate(entries):
+                if not path:
+                    continue
+                cname = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+                if (depth in (1, 2) or path in param_owner) and path not in order:
+                    order[path] = cname.rsplit(".", 1)[-1]
+        sd = self.program.state_dict
+        rows = []
+        for path, cname in order.items():
+            members = [n for n in self.graph.nodes
+                       if n.op == "call_function" and any(p == path for p, _ in stacks[n.name])]
+            upper = self._group_bound(prop, members)
+            params = sum(
+                int(sd[t].numel()) for t in self.param_names.values()
+                if t.startswith(path + ".") and t in sd
+            )
+            rows.append(LayerRow(path, cname, upper, "upper", params))
+        return rows
+
+    def _group_bound(self, prop: Propagation, members: list[Any]) -> float:
+        with one_thread():
+            return self._group_bound_1(prop, members)
+
+    def _group_bound_1(self, prop: Propagation, members: list[Any]) -> float:
+        names = {n.name for n in members}
+        ctx = self.context(prop.ctx.n, None, ibp=False)
+        sub: dict[str, Any] = {}
+        one = torch.ones(ctx.n, dtype=F64)
+
+        def get(a: Any) -> Any:
+            if not isinstance(a, torch.fx.Node):
+                return a
+            if a.name in sub:
+                return sub[a.name]
+            v = prop.env[a.name]
+            if a.name not in names:
+                v = tree_map(
+                    lambda b: b.replace(lip=one, lip_tok=one) if isinstance(b, Bound) else b, v
+                )
+                sub[a.name] = v
+            return v
+
+        best = 0.0
+        for node in members:
+            args = tree_map(get, node.args)
+            kwargs = tree_map(get, dict(node.kwargs))
+            ctx.node = node
+            out = apply_op(ctx, node.target, args, kwargs)
+            stored = prop.env[node.name]
+            out = _restore(out, stored)
+            sub[node.name] = out
+            external = any(u.name not in names for u in node.users) or not node.users
+            if external:
+                for b in tree_flatten(out)[0]:
+                    if isinstance(b, Bound):
+                        best = max(best, float(b.lip.max()))
+        return best
+
+
+def _restore(out: Any, stored: Any) -> Any:
+    """Keep a group pass's Lipschitz bounds but the model pass's activation bounds."""
+    fo, spec = tree_flatten(out)
+    fs, _ = tree_flatten(stored)
+    if len(fo) != len(fs):
+        return out
+    merged = [
+        s.replace(lip=o.lip, lip_tok=torch.minimum(o.lip_tok, o.lip))
+        if isinstance(o, Bound) and isinstance(s, Bound)
+        else o
+        for o, s in zip(fo, fs, strict=True)
+    ]
+    return tree_unflatten(merged, spec)
+
+
+def propagate(
+    model: nn.Module | ExportedProgram,
+    example: Tensor,
+    domain: Any = (0.0, 1.0),
+    *,
+    center: Tensor | None = None,
+    radius: Tensor | float | None = None,
+    method: str = "exact",
+) -> Propagation:
+    """One-shot helper: export if needed, then :meth:`Propagator.run`."""
+    prop = Propagator.from_model(model, example, method=method)
+    return prop.run(domain, sample_shape=tuple(example.shape[1:]), center=center, radius=radius)
