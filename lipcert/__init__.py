@@ -7,9 +7,10 @@ from typing import Any
 
 from torch import nn
 
+from lipcert.certificate import Certificate, certify
 from lipcert.errors import LipcertError
 
-__all__ = ["LipcertError", "load"]
+__all__ = ["Certificate", "LipcertError", "certify", "load", "load_with_config"]
 
 
 def load(run_dir: str | Path) -> nn.Module:

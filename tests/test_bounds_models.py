@@ -66,7 +66,8 @@ def _make(name: str) -> tuple[nn.Module, Tensor, tuple | object]:
         x = gpt.token_embeddings(torch.randint(0, 11, (3, 6))).detach()
         return m, x, embedding_domain(m)
     if name.startswith("encoder"):
-        return EncoderClassifier(name.endswith("pre")), torch.rand(3, 4, 8) * 2 - 1, (-1.0, 1.0)
+        enc = EncoderClassifier(name.endswith("pre")).eval()
+        return enc, torch.rand(3, 4, 8) * 2 - 1, (-1.0, 1.0)
     if name == "mlp":
         m = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 12),
                           nn.GELU(), nn.Linear(12, 4))
@@ -145,7 +146,10 @@ def test_coverage_module_and_pt2(name: str) -> None:
     # and in local mode at points of the balls ≤ L(x, r)
     prop = Propagator(program)
     r = 0.05
-    lip_r = prop.run(domain, center=x, radius=r).lip
+    res = prop.run(domain, center=x, radius=r)
+    lip_r = res.lip
+    # the centre values follow the (rewritten) graph exactly
+    assert torch.allclose(res.output.value, model(x).double(), rtol=1e-4, atol=1e-5)
     pts = _ball_points(name, x, r, domain, g)
     jn = _jacobian_norms(model, pts)
     assert bool((jn <= lip_r).all()), (jn, lip_r)
@@ -218,7 +222,7 @@ def test_hand_derived_bound_lipschitz_vit(seed: int, kw: dict) -> None:
     L = float(res.lip.max())
     hand = hand_bound(model)
     assert hand * (1 + 1e-6) >= L  # exact σ's rounded up by the certified norms only
-    mean = next(n for n in res.program.graph.nodes if "mean" in str(n.target))
+    mean = next(n for n in res.graph.nodes if "mean" in str(n.target))
     token_path = float(res.env[mean.args[0].name].lip_tok.max())
     token_path *= _sigma(model.head.weight) * model.config.final_scale
     assert token_path * (1 + 1e-9) >= L
@@ -236,3 +240,30 @@ def test_local_bound_shrinks_to_pointwise() -> None:
     for a, b in itertools.pairwise(ls):
         assert bool((a <= b * (1 + 1e-9)).all())
     assert float(ls[0].max()) < glob / 100
+
+
+def test_select_is_pushed_before_rowwise_maps() -> None:
+    """select(linear(x)·s)[:, -1] is bounded as linear(select(x))·s: same function, and the
+    unused rows (a GPT's other positions) are never bounded."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 50)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return (self.lin(torch.tanh(x)) * 3.0)[:, -1, :]
+
+    torch.manual_seed(0)
+    model = Head().eval()
+    x = torch.rand(3, 5, 4)
+    prop = Propagator.from_model(model, x)
+    ops = [str(n.target) for n in prop.graph.nodes if n.op == "call_function"]
+    assert ops.index("aten.select.int") < ops.index("aten.linear.default")
+    res = prop.run((0.0, 1.0), center=x, radius=0.1)
+    assert res.output.shape == (3, 50)
+    assert torch.allclose(res.output.value, model(x).double(), rtol=1e-5, atol=1e-6)
+    jn = _jacobian_norms(model, x)
+    assert bool((jn <= res.lip).all())
+    rows = {r.name: r for r in prop.layer_table(prop.run((0.0, 1.0), sample_shape=(5, 4)))}
+    assert rows["lin"].upper == pytest.approx(_sigma(model.lin.weight), rel=1e-6)

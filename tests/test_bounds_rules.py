@@ -321,11 +321,15 @@ def case_matmul_two(g):
     t, d, k = _ri(g, 1, 3), _ri(g, 1, 4), _ri(g, 1, 3)
     W1, W2 = _w(g, k, d), _w(g, k, d)
     op = aten.bmm.default if _maybe(g) else aten.matmul.default
+    add_bias = _maybe(g, 0.3)
+    bias = torch.randn(t, t, generator=g, dtype=F64)
 
     def prog(call, z):
         a = call(aten.linear.default, z, W1)
         b = call(aten.linear.default, z, W2)
         bt = call(aten.transpose.int, b, 1, 2)
+        if add_bias:
+            return call(aten.baddbmm.default, bias, a, bt, beta=0.5, alpha=-1.5)
         return call(op, a, bt)
 
     return Case(prog, (t, d), width=0.7)
@@ -350,6 +354,9 @@ def case_conv(g):
     s, p, d = _ri(g, 1, 2), _ri(g, 0, 1), _ri(g, 1, 2)
     if min(H, Wd) + 2 * p - d * (k - 1) - 1 < 0:
         p = d * (k - 1)
+    if _maybe(g, 0.3):
+        return Case(lambda call, z: call(aten.convolution.default, z, W, b, [s, s], [p, p],
+                                         [d, d], False, [0, 0], groups), (c_in, H, Wd))
     return Case(lambda call, z: call(aten.conv2d.default, z, W, b, [s, s], [p, p], [d, d], groups),
                 (c_in, H, Wd))
 
@@ -472,6 +479,11 @@ _POINTWISE = {
     "reciprocal": (lambda call, z: call(aten.reciprocal.default, z), True),
     "pow1.5": (lambda call, z: call(aten.pow.Tensor_Scalar, z, 1.5), True),
     "dropout_eval": (lambda call, z: call(aten.dropout.default, z, 0.3, False), False),
+    "native_dropout_eval": (
+        lambda call, z: call(operator.getitem, call(aten.native_dropout.default, z, 0.3, False), 0),
+        False,
+    ),
+    "clip": (lambda call, z: call(aten.clip.default, z, None, 0.4), False),
 }
 
 
@@ -543,7 +555,7 @@ def case_shape(g):
     rep = _ri(g, 1, 3)
     W = _w(g, d, d)
     W2 = _w(g, d, d)
-    kind = _ri(g, 0, 19)
+    kind = _ri(g, 0, 31)
     idx = torch.randint(0, d, (d + 1,), generator=g)
 
     def prog(call, z):
@@ -592,9 +604,32 @@ def case_shape(g):
             return call(aten.unfold.default, y, 3, min(2, d), 1)
         if kind == 18:
             return call(aten.roll.default, y, [1], [3])
-        return call(aten.t.default, call(aten.select.int, call(aten.select.int, y, 1, 0), 1, 0))
+        if kind == 20:
+            return call(aten.narrow.default, y, 3, 0, max(1, d - 1))
+        if kind == 21:
+            return call(operator.getitem, call(aten.chunk.default, y, 2, 2), 0)
+        if kind == 22:
+            return call(operator.getitem, call(aten.unbind.int, y, 2), t - 1)
+        if kind == 23:
+            return call(aten.movedim.int, y, 3, 1)
+        if kind == 24:
+            return call(aten.repeat_interleave.self_int, y, 2, 3)
+        if kind == 25:
+            return call(aten.index.Tensor, y, [None, None, None, idx])
+        if kind == 26:
+            return call(aten.diagonal.default, y, 0, 2, 3)
+        if kind == 27:
+            return call(aten.pad.default, call(aten.reshape.default, y, [B, rep * t, d]), [1, 1],
+                        "reflect" if d > 1 else "replicate")
+        if kind == 28:
+            return call(operator.getitem, call(aten.tensor_split.sections, y, 2, 3), 0)
+        if kind == 29:
+            return call(aten._to_copy.default, call(aten.expand_as.default, y, y), dtype=F64)
+        if kind == 30:
+            return call(aten.hstack.default, [y, y])
+        return call(aten.cat.default, [y, y], 1)
 
-    if kind == 19:
+    if kind == 31:
         return Case(lambda call, z: call(aten.linear.default, z, W), (t, d))
     return Case(prog, (t, d))
 
@@ -604,7 +639,7 @@ def case_pool(g):
     k = _ri(g, 1, min(3, H, Wd))
     s = _ri(g, 1, 3)
     p = _ri(g, 0, k // 2)
-    kind = _ri(g, 0, 4)
+    kind = _ri(g, 0, 6)
     ceil = _maybe(g)
     if kind == 0:
         d = _ri(g, 1, 2)
@@ -625,7 +660,13 @@ def case_pool(g):
     if kind == 3:
         o = [_ri(g, 1, H), _ri(g, 1, Wd)]
         return Case(lambda call, z: call(aten.adaptive_avg_pool2d.default, z, o), (c, H, Wd))
-    return Case(lambda call, z: call(aten.max_pool1d.default, z, [k], [s], [p]), (c, H))
+    if kind == 4:
+        return Case(lambda call, z: call(aten.max_pool1d.default, z, [k], [s], [p]), (c, H))
+    if kind == 5:
+        return Case(lambda call, z: call(aten.avg_pool1d.default, z, [k], [s], [p], ceil),
+                    (c, H))
+    o1 = _ri(g, 1, H)
+    return Case(lambda call, z: call(aten.adaptive_avg_pool1d.default, z, [o1]), (c, H))
 
 
 def case_token_ball(g):
@@ -835,3 +876,11 @@ def test_per_sample_bounds_with_batch_merged_into_heads() -> None:
     for i in range(3):
         one = prop.run((0.0, 1.0), center=x[i : i + 1], radius=r[i : i + 1])
         assert torch.allclose(res.output.lip[i], one.output.lip[0], rtol=1e-9)
+
+
+def test_embedding_of_the_certified_input_is_refused() -> None:
+    ctx = Ctx(1)
+    box = torch.ones(1, 3, dtype=F64)
+    x = input_bound(ctx, BoxDomain(0, 5), (1, 3), box=(0 * box, 4 * box))
+    with pytest.raises(UnsupportedOpError, match="embedding space"):
+        BoundCall(ctx)(aten.embedding.default, torch.randn(6, 2, dtype=F64), x)

@@ -44,6 +44,7 @@ from lipcert.bounds.state import (
     Opaque,
     as_domain,
     interval_norms,
+    norms_from_sq,
     one_thread,
     per_elem,
     rows_per_sample,
@@ -176,13 +177,17 @@ def finalize(ctx: Ctx, b: Bound, exact: bool = False) -> Bound:
     tok = _clean(b.tok_norm, math.inf).expand(n)
     lo, hi = b.lo, b.hi
     value = None if b.value is None else b.value.to(F64)
-    if not exact:
-        lo, hi = _clean(lo, -math.inf), _clean(hi, math.inf)
+    if not (exact or ctx.lip_only):
+        lo, hi = lo.to(F64), hi.to(F64)
         mag = torch.maximum(lo.abs(), hi.abs())
-        fin = torch.where(torch.isfinite(mag), mag, torch.zeros((), dtype=F64))
+        if bool(torch.isnan(mag).any()):
+            lo, hi = _clean(lo, -math.inf), _clean(hi, math.inf)
+            mag = torch.maximum(lo.abs(), hi.abs())
+        fin = torch.nan_to_num(mag, posinf=0.0)
         row = fin.amax(-1, keepdim=True) if fin.dim() and fin.shape[-1] else fin
-        pad = 1e-12 * fin + 1e-13 * row + 1e-300
+        pad = fin.mul_(1e-12).add_(row * 1e-13 + 1e-300)
         lo, hi = lo - pad, hi + pad
+        mag2 = None
         if value is not None:
             lo, hi = torch.minimum(lo, value), torch.maximum(hi, value)
             if ctx.local:
@@ -190,7 +195,12 @@ def finalize(ctx: Ctx, b: Bound, exact: bool = False) -> Bound:
                 d = per_elem(lip_tok * ctx.radius, b.sid, value.shape)
                 lo = torch.maximum(lo, value - d - pad)
                 hi = torch.minimum(hi, value + d + pad)
-        in_n, in_t = interval_norms(lo, hi, b.sid, n)
+        else:
+            mag2 = (mag + pad).square()  # = max(lo², hi²) of the widened interval
+        if mag2 is None:
+            in_n, in_t = interval_norms(lo, hi, b.sid, n)
+        else:
+            in_n, in_t = norms_from_sq(mag2, b.sid, n)
         norm = torch.minimum(norm, in_n)
         tok = torch.minimum(tok, in_t)
     if value is not None and ctx.local:
@@ -300,6 +310,71 @@ def as_program(model: nn.Module | ExportedProgram, example: Tensor) -> ExportedP
         model.train(training)
 
 
+_ROWWISE_SCALAR = (torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor)
+
+
+def _rowwise(node: Any, dim: int, rank: int) -> bool:
+    """Maps that commute with selecting index i of dimension ``dim`` (not the last): maps
+    acting on each row alone and the same for all rows (linear layers, scalings), and slices
+    along an earlier dimension."""
+    if node.op != "call_function" or not node.args:
+        return False
+    if node.target is torch.ops.aten.linear.default:
+        return True
+    if node.target is torch.ops.aten.slice.Tensor:
+        d = node.args[1] if len(node.args) > 1 else 0
+        return isinstance(d, int) and 0 <= d < dim  # a negative dim would shift
+    return node.target in _ROWWISE_SCALAR and isinstance(node.args[1], int | float)
+
+
+def push_selections(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """Rewrite ``select(f(x), d, i)`` as ``f(select(x, d, i))`` for chains f of row-wise maps
+    (linear layers, scalings) and d not the last dimension: the same function, but the
+    rows that are thrown away (a GPT's logits at every position but the certified one) are
+    never bounded. Works on a copy of the program's graph; nn_module_stack is kept."""
+    select = torch.ops.aten.select.int
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not select:
+            continue
+        src, dim, index = node.args[0], node.args[1], node.args[2]
+        val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+        if not isinstance(val, Tensor) or not isinstance(dim, int):
+            continue
+        rank = val.dim()
+        dim = dim % rank
+        if dim == rank - 1:
+            continue
+        chain = []
+        cur = src
+        while (isinstance(cur, torch.fx.Node) and len(cur.users) == 1
+               and _rowwise(cur, dim, rank)):
+            chain.append(cur)
+            cur = cur.args[0]
+        if not any(c.target is torch.ops.aten.linear.default for c in chain):
+            continue
+        if not isinstance(cur, torch.fx.Node):
+            continue
+        first = chain[-1]
+        with graph.inserting_before(first):
+            moved = graph.call_function(select, (cur, dim, index))
+        moved.meta = dict(node.meta)
+        first.args = (moved, *first.args[1:])
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
+    graph.lint()
+    return graph
+
+
+def _copy_graph(graph: torch.fx.Graph) -> tuple[torch.fx.Graph, dict[str, str]]:
+    """A copy of ``graph`` (metadata kept) and the map from old to new node names (a copy
+    may rename nodes whose names shadow Python builtins, such as ``input``)."""
+    new = torch.fx.Graph()
+    val_map: dict[Any, Any] = {}
+    out = new.graph_copy(graph, val_map)
+    new.output(out)
+    return new, {old.name: nn_.name for old, nn_ in val_map.items()}
+
+
 @dataclass
 class Propagation:
     """The result of one run: bounds of the output and of every node (by node name)."""
@@ -308,6 +383,7 @@ class Propagation:
     env: dict[str, Any]
     ctx: Ctx
     program: ExportedProgram
+    graph: Any = None
 
     @property
     def lip(self) -> Tensor:
@@ -322,7 +398,7 @@ class Propagation:
     def records(self) -> list[dict[str, Any]]:
         """One row per node with bounds: name, op, module, and the largest bounds."""
         rows = []
-        for node in self.program.graph.nodes:
+        for node in (self.graph or self.program.graph).nodes:
             b = self.env.get(node.name)
             if isinstance(b, Bound):
                 rows.append({
@@ -359,11 +435,12 @@ class Propagator:
         if self.method not in ("exact", "gram"):
             raise LipcertError(f"unknown norm method {self.method!r}; use 'exact' or 'gram'")
         ep = self.program
-        self.graph = ep.graph
+        graph, rename = _copy_graph(ep.graph)
+        self.graph = push_selections(graph)
         self.consts: dict[str, Const] = {}
         users = []
         for spec in ep.graph_signature.input_specs:
-            name = spec.arg.name
+            name = rename[spec.arg.name]
             if spec.kind == InputKind.USER_INPUT:
                 users.append(name)
                 continue
@@ -465,7 +542,7 @@ class Propagator:
                 raise UnsupportedOpError(f"graph node {node.name} of kind {node.op}")
         if isinstance(output, list | tuple) and len(output) == 1:
             output = output[0]
-        return Propagation(output, env, ctx, self.program)
+        return Propagation(output, env, ctx, self.program, self.graph)
 
     def _apply(self, ctx: Ctx, node: Any, env: dict[str, Any]) -> Any:
         def get(a: Any) -> Any:
@@ -522,6 +599,12 @@ class Propagator:
     def _group_bound_1(self, prop: Propagation, members: list[Any]) -> float:
         names = {n.name for n in members}
         ctx = self.context(prop.ctx.n, None, ibp=False)
+        ctx.lip_only = True
+        if len(members) == 1 and members[0].target is torch.ops.aten.linear.default:
+            w = members[0].args[1]
+            weight = prop.env.get(w.name) if isinstance(w, torch.fx.Node) else None
+            if isinstance(weight, Const):
+                return ctx.opnorm(weight)
         sub: dict[str, Any] = {}
         one = torch.ones(ctx.n, dtype=F64)
 

@@ -195,6 +195,7 @@ class Ctx:
     method: str = "exact"
     ibp: bool = True
     ibp_max_flops: float = 2e9
+    lip_only: bool = False  # per-layer passes: activation bounds are the model pass's
     norm_cache: dict[Any, Any] = field(default_factory=dict)
     shape_cache: dict[Any, Any] = field(default_factory=dict)
     node: Any = None
@@ -224,7 +225,7 @@ class Ctx:
             cache[key] = make()
         return cache[key]
 
-    def opnorm(self, w: Const, transpose: bool = False) -> float:
+    def opnorm(self, w: Const) -> float:
         """Certified σ_max of a constant matrix (``spectral.exact`` or ``spectral.gram``);
         a stack of matrices gives the largest. Cached per graph node."""
 
@@ -380,7 +381,7 @@ def rows_per_sample(
     return own + float((rs < 0).sum()) if with_constant_rows else own
 
 
-def _norms_from_sq(sq: Tensor, sid: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
+def norms_from_sq(sq: Tensor, sid: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
     slack = 1.0 + gamma(sq.numel())
     norm = (sample_sum(sq, sid, n) * slack).sqrt()
     rows = sq.reshape(1, 1) if sq.dim() == 0 else sq
@@ -395,12 +396,12 @@ def _norms_from_sq(sq: Tensor, sid: Tensor | None, n: int) -> tuple[Tensor, Tens
 
 def interval_norms(lo: Tensor, hi: Tensor, sid: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
     """(norm, tok_norm) bounds implied by elementwise bounds: |y_e| ≤ max(|lo_e|, |hi_e|)."""
-    return _norms_from_sq(torch.maximum(lo.square(), hi.square()), sid, n)
+    return norms_from_sq(torch.maximum(lo.square(), hi.square()), sid, n)
 
 
 def value_norms(value: Tensor, sid: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
     """(norm, tok_norm) of the centre value itself (rounded up)."""
-    return _norms_from_sq(value.square(), sid, n)
+    return norms_from_sq(value.square(), sid, n)
 
 
 def max_abs(b: Bound) -> Tensor:

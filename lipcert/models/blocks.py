@@ -10,7 +10,7 @@
   at most 1 (DESIGN.md, "Attention in the max-token norm");
 * MLP ``W_out · GELU(W_in x) / 1.1289``, 1.1289 being the paper's value for GELU's
   largest slope (the exact maximum, at x = √2, is 1.128904…, so the scaled GELU is
-  1.0000036-Lipschitz; certificates use the exact value);
+  1.0000037-Lipschitz; certificates use the exact value);
 * no biases, so every weight is a matrix that ``lipcert.constraints`` can cap.
 
 ``standard`` is a pre-LayerNorm transformer: x ← x + f(LN(x)), scores q·k/√d_head, biases.

@@ -30,7 +30,7 @@ from torch import nn
 
 from lipcert.models.blocks import GELU_SLOPE_PAPER, Attention, Block
 
-GELU_MAX_SLOPE = 1.1289039  # Φ(√2) + √2·φ(√2) = 1.12890386…, rounded up
+GELU_MAX_SLOPE = 1.1289042  # Φ(√2) + √2·φ(√2) = 1.12890415…, rounded up
 
 
 def _sigma(weight: torch.Tensor) -> float:

@@ -6,8 +6,8 @@ lip_tok ≤ (max_e s_e)·lip_tok_x, with the max over each sample's elements. Fo
 functions, |f'| on an interval is largest at an endpoint or at an interior critical point of
 f' (listed per function, computed in float64 by bisection on f'' and padded by 1e-12: the
 error of a critical point's location changes f' there only to second order). Over the whole
-real line this gives the global slopes: GELU 1.12890415 (at √2; the paper's 1.1289 and the
-1.1289039 of ``lipcert.models.sensitivity`` are slightly too small), tanh-GELU 1.12899307,
+real line this gives the global slopes: GELU 1.12890415 (at √2; the paper's 1.1289 is
+slightly too small), tanh-GELU 1.12899307,
 SiLU 1.09983932, tanh 1, sigmoid 1/4, ReLU 1. Functions with |f(x)| ≤ |x| (ReLU, GELU, SiLU,
 tanh, ...) also keep the norm bounds.
 """
