@@ -52,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--method", choices=("exact", "gram"), default="exact")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = GPT2Small().eval()
@@ -67,7 +68,7 @@ def main() -> None:
             start = time.perf_counter()
             loaded = load_model(str(path))
             cert = certify(loaded.program, x, label,
-                           domain=(-1e3, 1e3), mode="global")
+                           domain=(-1e3, 1e3), mode="global", method=args.method)
             lipcert_times.append(time.perf_counter() - start)
         exact = {n.rsplit(".", 1)[0]: torch.linalg.matrix_norm(p.detach().double(), 2).item()
                  for n, p in model.named_parameters() if p.dim() == 2}
