@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from lipcert.atomic import write_text_atomic
 from lipcert.errors import LipcertError
 
 __all__ = ["COLUMNS", "Key", "ResultsFile", "read_results"]
@@ -75,19 +75,6 @@ def to_csv_text(df: pd.DataFrame, header: bool = False) -> str:
     return df.to_csv(index=False, header=header, lineterminator="\n", na_rep="")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ResultsFile:
     """An attack results CSV being written by one run of one model.
 
@@ -111,9 +98,9 @@ class ResultsFile:
         except OSError as err:
             raise LipcertError(f"cannot create the directory of {path}: {err}") from err
         if overwrite or not path.exists():
-            _atomic_write(path, ",".join(COLUMNS) + "\n")
+            write_text_atomic(path, ",".join(COLUMNS) + "\n")
             meta = {"format": "lipcert-attacks/1", "models": {model: settings}}
-            _atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
             return cls(path, set())
         meta = cls._read_meta(meta_path) if meta_path.exists() else {
             "format": "lipcert-attacks/1", "models": {}}
@@ -129,12 +116,12 @@ class ResultsFile:
                 "--overwrite"
             )
         meta["models"][model] = settings
-        _atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         done, keep = cls._complete_keys(own, model, batches)
         stale = own.index.difference(keep)
         if len(stale):  # an append cut short: drop it, rewrite atomically
             df = df.drop(index=stale)
-            _atomic_write(path, to_csv_text(typed(df), header=True))
+            write_text_atomic(path, to_csv_text(typed(df), header=True))
         return cls(path, done)
 
     @staticmethod
@@ -153,9 +140,9 @@ class ResultsFile:
         """Read the file, first cutting a partial last line left by a killed append."""
         raw = path.read_bytes()
         if raw and not raw.endswith(b"\n"):
-            _atomic_write(path, raw[: raw.rfind(b"\n") + 1].decode())
+            write_text_atomic(path, raw[: raw.rfind(b"\n") + 1].decode())
         if not path.read_bytes().strip():
-            _atomic_write(path, ",".join(COLUMNS) + "\n")
+            write_text_atomic(path, ",".join(COLUMNS) + "\n")
         return read_results(path)
 
     @staticmethod

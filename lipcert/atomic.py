@@ -20,7 +20,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     except OSError as err:
         raise LipcertError(f"cannot write {path}: {err.strerror}") from err
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
