@@ -57,8 +57,8 @@ For GPT-2-sized matrices (768×3072, 50257×768) the total relative margin is be
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +66,7 @@ import torch
 from torch import Tensor
 
 from lipcert.errors import LipcertError
+from lipcert.threads import one_thread
 
 __all__ = ["Norm", "conv2d", "exact", "gram", "power"]
 
@@ -211,29 +212,8 @@ def _scaled64(t: Tensor, shift: int) -> Tensor:
     return x
 
 
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run LAPACK on one thread (CPU only), restoring the previous setting afterwards.
-
-    MKL's multithreaded symmetric eigensolver is dominated by thread synchronisation on the
-    small Gram matrices used here, and on a machine whose cores are busy (a training run next
-    to a certification) it measured 11 s instead of 0.04 s for a 768×768 matrix; small and
-    batched matrix products behave alike. The setting is process-wide while it lasts. The big
-    products (the first Gram product of a large matrix) keep all threads.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _eigvalsh(gram_matrix: Tensor) -> Tensor:
-    with _one_cpu_thread(gram_matrix.device):
+    with one_thread(gram_matrix.device):
         return torch.linalg.eigvalsh(gram_matrix)
 
 
@@ -263,7 +243,7 @@ def _sigma_upper_batched(mats: Tensor) -> Tensor:
     M = mats
     m, n = M.shape[-2:]
     is_complex = M.is_complex()
-    small = _one_cpu_thread(M.device) if m * n <= _SMALL_N**2 else nullcontext()
+    small = one_thread(M.device) if m * n <= _SMALL_N**2 else nullcontext()
     with small:  # batches of small products: one thread is faster, and far faster on busy cores
         G = M.mH @ M if m >= n else M @ M.mH
     k, size = (m, n) if m >= n else (n, m)
@@ -358,7 +338,7 @@ def gram(weight: Tensor, tol: float = 1e-3, max_steps: int = 32) -> Norm:
     steps = 0
     converged = max_steps == 0
     # The square steps are small gemms: one thread is faster, and far faster on busy cores.
-    small = _one_cpu_thread(P.device) if n <= _SMALL_N else nullcontext()
+    small = one_thread(P.device) if n <= _SMALL_N else nullcontext()
     with small:
         while steps < max_steps:
             if A is not None:  # after the first step: square n×n iterates
@@ -402,7 +382,7 @@ def power(weight: Tensor, steps: int = 100, seed: int = 0) -> Norm:
     gen = torch.Generator(device=A.device).manual_seed(int(seed))
     v = torch.randn(A.shape[1], generator=gen, dtype=torch.float64, device=A.device)
     v = v / torch.linalg.vector_norm(v)
-    small = _one_cpu_thread(A.device) if A.numel() <= _SMALL_N**2 else nullcontext()
+    small = one_thread(A.device) if A.numel() <= _SMALL_N**2 else nullcontext()
     with small:
         v = _power_loop(A, v, steps, gen)
     est = float(torch.linalg.vector_norm(A @ v) / torch.linalg.vector_norm(v))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from attacks import COLUMNS, read_results, robust_accuracy, run_attacks
 from attacks.harness import attack_accuracy
@@ -34,14 +33,6 @@ y[::7] = (y[::7] + 1) % 10
 ARGS = dict(attacks=["fgsm", "pgd", "pgdl2"], eps_l2=[0.3, 1.0], eps_linf=[0.02, 0.1],
             batch_size=8, seed=5, params={"pgd": {"steps": 5}, "pgdl2": {"steps": 5}})
 """
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _problem() -> dict:

@@ -13,14 +13,6 @@ from lipcert.errors import LipcertError
 from lipcert.models import ModelConfig, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _Affine(nn.Module):
     """Logits W·x + b: the distance to the nearest decision boundary is exact."""
 

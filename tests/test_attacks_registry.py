@@ -11,14 +11,6 @@ from attacks import REGISTRY, AttackSpec, parse_attacks, parse_eps, resolve, run
 from lipcert.errors import LipcertError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _Linear(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -23,15 +23,6 @@ from lipcert.models.blocks import GELU_SLOPE_PAPER
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one thread is far faster than two on busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class EncoderClassifier(nn.Module):
     def __init__(self, norm_first: bool) -> None:
         super().__init__()

@@ -45,15 +45,6 @@ SEARCHED = 8  # of which this many also get a gradient-ascent search and exact J
 POINTS = 24  # random points per case and sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is far faster than two on busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class FakeNode:
     def __init__(self, name: str, target: Any) -> None:
         self.name, self.target, self.meta, self.users = name, target, {}, {}

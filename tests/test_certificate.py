@@ -23,15 +23,6 @@ from lipcert.models import EmbeddingSpaceGPT, ModelConfig, build_model
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one thread is far faster than two on busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 5)).eval()

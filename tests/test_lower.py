@@ -13,16 +13,6 @@ from lipcert.lower import LowerBound, empirical_lipschitz, jacobian_norm, tightn
 from lipcert.models import EmbeddingSpaceGPT, ModelConfig, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP barrier stalls on a busy machine
-    (a 50x slowdown on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def exact_jacobian_norm(f, point: torch.Tensor) -> float:
     """σ_max of the full Jacobian of one sample, from autograd and an SVD (float64)."""
     jac = torch.autograd.functional.jacobian(lambda z: f(z[None])[0], point)

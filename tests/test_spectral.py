@@ -15,18 +15,12 @@ from lipcert.errors import LipcertError
 from lipcert.spectral import Norm
 
 
-def _svdvals_one_thread(w: torch.Tensor) -> torch.Tensor:
-    # MKL's threaded SVD slows down 10-50x when other processes keep the cores busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.svdvals(w.detach().to(torch.float64))
-    finally:
-        torch.set_num_threads(before)
+def _svdvals64(w: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(w.detach().to(torch.float64))
 
 
 def _true_sigma(w: torch.Tensor) -> float:
-    return float(_svdvals_one_thread(w)[0])
+    return float(_svdvals64(w)[0])
 
 
 def _with_spectrum(m: int, n: int, sv: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -183,12 +177,7 @@ def _dense_conv_sigma(weight: torch.Tensor, hw: tuple[int, int], **conv_kwargs: 
     groups = int(conv_kwargs.get("groups", 1))  # type: ignore[call-overload]
     conv = nn.Conv2d(c_in_g * groups, c_out, (kh, kw), bias=False, **conv_kwargs)  # type: ignore[arg-type]
     conv = conv.double()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: threads only add contention
-    try:
-        return _dense_from(conv, weight, c_in_g * groups, hw)
-    finally:
-        torch.set_num_threads(before)
+    return _dense_from(conv, weight, c_in_g * groups, hw)
 
 
 def _dense_from(conv: nn.Conv2d, weight: torch.Tensor, c_in: int, hw: tuple[int, int]) -> float:
@@ -197,7 +186,7 @@ def _dense_from(conv: nn.Conv2d, weight: torch.Tensor, c_in: int, hw: tuple[int,
         n = c_in * hw[0] * hw[1]
         basis = torch.eye(n, dtype=torch.float64).reshape(n, c_in, *hw)
         cols = conv(basis).reshape(n, -1)  # row j = image of basis vector j
-    return float(_svdvals_one_thread(cols)[0])
+    return float(_svdvals64(cols)[0])
 
 
 CIRCULAR_EXACT = [

@@ -45,12 +45,12 @@ from lipcert.bounds.state import (
     as_domain,
     interval_norms,
     norms_from_sq,
-    one_thread,
     per_elem,
     rows_per_sample,
     value_norms,
 )
 from lipcert.errors import LipcertError
+from lipcert.threads import one_thread
 
 # --------------------------------------------------------------------------- one node
 

@@ -28,8 +28,6 @@ few ulps after every rule (``finalize`` in ``propagate.py``), dot products by γ
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,41 +47,6 @@ def gamma(k: int) -> float:
     """γ_k = k·u/(1 − k·u): relative error bound of a float64 sum of k terms (Higham §3.1)."""
     ku = (k + 2) * U
     return ku / (1.0 - ku)
-
-
-# --------------------------------------------------------------------------- threads
-
-_ONE_THREAD_BELOW = 5e7  # flops; smaller products run on one thread
-_saved_threads: list[int] = []
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run bound propagation on one CPU thread: its tensors are small and many, and
-    multithreaded small kernels were 1000× slower on busy cores here (as in spectral.py).
-    :func:`big_work` gives the threads back for large products."""
-    before = torch.get_num_threads()
-    _saved_threads.append(before)
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        _saved_threads.pop()
-        torch.set_num_threads(before)
-
-
-@contextmanager
-def big_work(flops: float) -> Iterator[None]:
-    """All threads (as before :func:`one_thread`) for a product of ``flops`` ≥ 5e7."""
-    if flops < _ONE_THREAD_BELOW or not _saved_threads:
-        yield
-        return
-    now = torch.get_num_threads()
-    torch.set_num_threads(_saved_threads[-1])
-    try:
-        yield
-    finally:
-        torch.set_num_threads(now)
 
 
 # --------------------------------------------------------------------------- node values

@@ -25,7 +25,6 @@ from lipcert.bounds.state import (
     Bound,
     Const,
     Ctx,
-    big_work,
     gamma,
     per_elem,
     reduce_sid,
@@ -34,6 +33,7 @@ from lipcert.bounds.state import (
     sample_max,
     unify_sid,
 )
+from lipcert.threads import big_work
 
 aten = torch.ops.aten
 
