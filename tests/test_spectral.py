@@ -338,7 +338,9 @@ def test_bad_inputs_raise() -> None:
 # --------------------------------------------------------------------------- timing
 
 
-def test_exact_is_fast_on_gpt2_small_matrices(gpt2_mlp: tuple[torch.Tensor, float, float]) -> None:
+def test_exact_on_gpt2_small_matrices(gpt2_mlp: tuple[torch.Tensor, float, float]) -> None:
+    """The GPT-2-small shapes: sound and tight against float64 SVD; timings are printed
+    (benchmarks/certify_gpt2_speed.py measures speed; tests do not assert timings)."""
     w, _, svd_time = gpt2_mlp
     spectral.exact(w[:8, :8])  # warm-up
     t0 = time.perf_counter()
@@ -352,5 +354,6 @@ def test_exact_is_fast_on_gpt2_small_matrices(gpt2_mlp: tuple[torch.Tensor, floa
         f"\nexact 768x3072: {mlp_time:.3f} s (float64 svdvals, 1 thread: {svd_time:.3f} s); "
         f"exact 50257x768: {wte_time:.3f} s"
     )
-    assert out.kind == "upper" and math.isfinite(out.value)
-    assert mlp_time < 30 and wte_time < 60  # generous: only catches pathological slowness
+    true_sigma = float(_svdvals64(wte)[0])
+    assert out.kind == "upper"
+    assert true_sigma <= out.value <= true_sigma * (1 + 1e-6)
