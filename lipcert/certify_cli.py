@@ -6,19 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from attacks.registry import eps_argument
 from lipcert.errors import LipcertError
-
-
-def parse_floats(text: str) -> list[float]:
-    """``"0.25,0.5,1"`` → [0.25, 0.5, 1.0]; fractions such as ``8/255`` are accepted."""
-    values = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            num, _, den = part.partition("/")
-            values.append(float(num) / float(den) if den else float(num))
-        except (ValueError, ZeroDivisionError) as err:
-            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from err
-    return values
 
 
 def add_certify_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +24,7 @@ def add_certify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="dataset name (default: the run's dataset)")
     p.add_argument("--data-dir", help="dataset directory or text file")
     p.add_argument("--n", type=int, default=1000, help="number of test samples (default 1000)")
-    p.add_argument("--eps", type=parse_floats, default=[0.25, 0.5, 1.0],
+    p.add_argument("--eps", type=eps_argument, default="0.25,0.5,1.0",
                    help="L2 radii for certified accuracy (default 0.25,0.5,1.0)")
     p.add_argument("--mode", choices=("global", "local"), default="global",
                    help="global: one bound for the input domain; local: a bound per ball")

@@ -6,20 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lipcert.errors import LipcertError
+from attacks.registry import eps_argument
 
 __all__ = ["add_report_parser", "run_report_command"]
-
-
-def _floats(text: str) -> list[float]:
-    values = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        num, _, den = part.partition("/")
-        try:
-            values.append(float(num) / float(den) if den else float(num))
-        except (ValueError, ZeroDivisionError) as err:
-            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from err
-    return values
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,9 +25,9 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR",
                    help="report directory to create or replace")
-    p.add_argument("--eps-l2", type=_floats, default=None, metavar="LIST",
+    p.add_argument("--eps-l2", type=eps_argument, default=None, metavar="LIST",
                    help="L2 ε values of the summary (default: those of the inputs)")
-    p.add_argument("--eps-linf", type=_floats, default=None, metavar="LIST",
+    p.add_argument("--eps-linf", type=eps_argument, default=None, metavar="LIST",
                    help="L∞ ε values of the summary; fractions allowed, e.g. 8/255")
     p.add_argument("--title", default="lipcert report", help="the report's title")
     p.set_defaults(handler=run_report_command)
@@ -50,8 +39,6 @@ def run_report_command(args: argparse.Namespace) -> int:
     from reports.build import make_report
     from reports.render import summary_text
 
-    if any(e < 0 for e in (args.eps_l2 or []) + (args.eps_linf or [])):
-        raise LipcertError("ε values must be >= 0")
     built = make_report(args.runs, args.output, eps_l2=args.eps_l2, eps_linf=args.eps_linf,
                         title=args.title)
     print(summary_text(built.summary))
