@@ -584,6 +584,8 @@ class WeightConstraint:
         update_scale: spectral norm of one optimizer update per unit lr, for the soft cap
             coupling; ``None`` picks it per optimizer (see the module docstring).
         power_iters: power-iteration steps per optimizer step for ``"spectral_hammer"``.
+        norm: ``"rms"`` (the paper's RMS→RMS norm, above) or ``"spectral"``: ``w_max`` is
+            then the limit on σ_max itself, the same for every shape.
 
     Call :meth:`attach` on each optimizer (Muon for hidden matrices, AdamW for the rest):
     after every ``optimizer.step()`` the hook projects the constrained matrices that this
@@ -600,7 +602,11 @@ class WeightConstraint:
         alpha: float | None = None,
         update_scale: float | None = None,
         power_iters: int = 4,
+        norm: str = "rms",
     ) -> None:
+        if norm not in ("rms", "spectral"):
+            raise LipcertError(f"unknown weight norm {norm!r}; expected 'rms' or 'spectral'")
+        self.norm = norm
         self.fn = get_method(method)
         self.method = method
         if method == "none":
@@ -632,7 +638,7 @@ class WeightConstraint:
             limit = (
                 None
                 if self.w_max is None or method == "none"
-                else spectral_limit(p.shape, self.w_max)
+                else spectral_limit(p.shape, self.w_max) if norm == "rms" else self.w_max
             )
             self._entries[id(p)] = _Entry(name, p, limit)
         self._handles: list[Any] = []

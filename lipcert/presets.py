@@ -18,7 +18,20 @@ _VIT_MNIST = dict(arch="vit", dataset="mnist", d_model=64, n_layers=2, n_heads=4
 _GPT_SHAKESPEARE = dict(arch="gpt", dataset="shakespeare", n_heads=4, eval_every=100,
                         eval_batches=8)
 
+# The certified family (lipcert.models.certified): every weight at σ ≤ 1, GroupSort2 MLPs
+# without residual, one weakly-mixing attention head per layer, tokens concatenated before
+# the head, and Lipschitz-margin cross-entropy at ε = 1.
+_VIT_CERTIFIED = dict(
+    _VIT_MNIST, family="certified", n_heads=1, optimizer="muon", lr=0.05, adam_lr=3e-3,
+    constraint="spectral_cap", w_max=1.0, w_norm="spectral", loss="lmt", margin_eps=1.0,
+    temperature=4.0, token_radius=1.0, value_radius=8.0, logit_bound=0.02, attn_alpha=0.1,
+    mlp_alpha=1.0, pooling="flatten",
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
+    "vit-mnist-certified": dict(_VIT_CERTIFIED, steps=3000),
+    "vit-fashion-mnist-certified": dict(_VIT_CERTIFIED, dataset="fashion-mnist", steps=10000,
+                                        eval_every=500),
     "vit-mnist-lipschitz": dict(
         _VIT_MNIST, family="lipschitz", optimizer="muon", lr=0.05, adam_lr=3e-3,
         constraint="spectral_cap", w_max=2.0, final_scale=8.0, softmax_scale=1.0, steps=3000,
@@ -61,6 +74,8 @@ for _name in list(PRESETS):
     PRESETS[f"{_name}-tiny"] = dict(
         PRESETS[_name], **(_TINY_GPT if _name.startswith("gpt") else dict(_TINY, batch_size=64))
     )
+    if PRESETS[_name]["family"] == "certified":
+        PRESETS[f"{_name}-tiny"]["n_heads"] = 1
 
 PRESET_NAMES = sorted(PRESETS)
 

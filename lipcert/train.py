@@ -21,7 +21,9 @@ from torch import nn
 from lipcert.constraints import WeightConstraint
 from lipcert.data import ImageDataset, TextDataset, load_dataset
 from lipcert.errors import LipcertError
+from lipcert.losses import needs_bound, training_loss
 from lipcert.models import build_model, constrained_matrices
+from lipcert.models.certified import certified_lipschitz_bound
 from lipcert.models.sensitivity import paper_lipschitz_bound
 from lipcert.train_config import TrainConfig
 
@@ -57,11 +59,15 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.
     ]
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then linear decay to zero at ``steps``."""
+def lr_factor(step: int, config: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up over ``warmup_steps``, then linear decay to zero at ``steps``, or at
+    ``max_time_s`` seconds of training if that comes first."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    return max(0.0, 1.0 - (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.max_time_s > 0:
+        done = max(done, elapsed_s / config.max_time_s)
+    return max(0.0, 1.0 - done)
 
 
 class _Batches:
@@ -99,6 +105,27 @@ def _loss_and_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return loss, (logits.argmax(-1) == y).sum().item(), y.numel()
 
 
+def _training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
+    """The configured loss (``lipcert.losses``) and the batch's correct count. ``lmt`` uses
+    the model's own bound: differentiable for the certified family, the paper formula's
+    value for the Lipschitz family."""
+    logits = model(x)
+    bound: torch.Tensor | float = 1.0
+    if needs_bound(config.loss):
+        if config.family == "certified":
+            bound = certified_lipschitz_bound(model)
+        elif config.family == "lipschitz":
+            bound = paper_lipschitz_bound(model)
+        else:
+            raise LipcertError("--loss lmt needs a lipschitz or certified family, whose "
+                               "Lipschitz bound is known during training")
+    loss = training_loss(config.loss, logits, y, lipschitz=bound, eps=config.margin_eps,
+                         temperature=config.temperature, alpha=config.hkr_alpha,
+                         min_margin=config.min_margin)
+    correct = (logits.reshape(-1, logits.shape[-1]).argmax(-1) == y.reshape(-1)).sum().item()
+    return loss, correct, y.numel()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: str) -> tuple[float, float]:
     """Mean loss and accuracy (per token for text) over the evaluation batches."""
@@ -129,13 +156,12 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     torch.manual_seed(config.seed)
     model = build_model(config.model_config(vocab_size=vocab)).to(config.device)
     optimizers = build_optimizers(model, config)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, config))
-                  for o in optimizers]
+    base_lrs = [[g["lr"] for g in o.param_groups] for o in optimizers]
     constraint = None
     if config.constraint != "none":
         constraint = WeightConstraint(
             config.constraint, config.w_max, constrained_matrices(model),
-            weight_decay=config.weight_decay,
+            weight_decay=config.weight_decay, norm=config.w_norm,
         )
         constrained = {id(p) for _, p in constrained_matrices(model)}
         for optimizer in optimizers:
@@ -152,8 +178,14 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     with _progress_bar(progress) as bar:
         task = bar.add_task(config.preset, total=config.steps, loss=math.nan, acc=math.nan)
         for step in range(config.steps):
+            factor = lr_factor(step, config, time.perf_counter() - start)
+            if step and factor <= 0:
+                break  # max_time_s is spent
+            for optimizer, lrs in zip(optimizers, base_lrs, strict=True):
+                for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                    group["lr"] = lr * factor
             x, y = (t.to(config.device) for t in batches.train_batch())
-            loss, correct, n = _loss_and_correct(model, x, y)
+            loss, correct, n = _training_loss(model, x, y, config)
             if not torch.isfinite(loss):
                 model.load_state_dict(last_good)
                 status = (f"stopped: loss became {loss.item()} at step {step}; kept the last "
@@ -164,8 +196,6 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             loss.backward()
             for optimizer in optimizers:
                 optimizer.step()
-            for scheduler in schedulers:
-                scheduler.step()
             row = {"step": step + 1, "loss": loss.item(), "train_acc": correct / n,
                    "lr": optimizers[0].param_groups[0]["lr"],
                    "elapsed_s": time.perf_counter() - start}
@@ -182,6 +212,9 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                "train_time_s": time.perf_counter() - start, "steps": len(log)}
     if config.family == "lipschitz":
         metrics["lipschitz_paper_formula"] = paper_lipschitz_bound(model)
+    if config.family == "certified":
+        with torch.no_grad():
+            metrics["lipschitz_certified_formula"] = certified_lipschitz_bound(model).item()
     return TrainResult(config, model.eval(), metrics, log, report, status)
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from lipcert.errors import LipcertError
+from lipcert.losses import LOSSES
 from lipcert.models.config import ModelConfig
 
 OPTIMIZERS = ("muon", "adamw")
@@ -16,7 +17,14 @@ OPTIMIZERS = ("muon", "adamw")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a training run (with ``seed``, it is repeatable)."""
+    """Everything that decides a training run (with ``seed``, it is repeatable, except
+    that ``max_time_s`` > 0 ends it, and its learning-rate decay, by wall-clock time).
+
+    ``w_norm`` says in which norm ``w_max`` bounds every weight: ``rms`` (the paper's
+    RMS→RMS norm) or ``spectral`` (σ_max). ``loss``, ``margin_eps`` (ε of ``lmt``),
+    ``temperature``, ``hkr_alpha`` and ``min_margin`` select the loss of
+    ``lipcert.losses``.
+    """
 
     preset: str
     arch: str
@@ -31,6 +39,12 @@ class TrainConfig:
     softmax_scale: float = 1.0
     final_scale: float = 1.0
     zero_init_out: bool = False
+    token_radius: float = 1.0
+    value_radius: float = 8.0
+    logit_bound: float = 0.02
+    attn_alpha: float = 0.1
+    mlp_alpha: float = 1.0
+    pooling: str = "flatten"
     image_size: int = 28
     channels: int = 1
     patch_size: int = 7
@@ -43,7 +57,15 @@ class TrainConfig:
     weight_decay: float = 0.0
     constraint: str = "none"
     w_max: float = 0.0
+    w_norm: str = "rms"
+    # loss (lipcert.losses)
+    loss: str = "ce"
+    margin_eps: float = 0.0
+    temperature: float = 1.0
+    hkr_alpha: float = 0.98
+    min_margin: float = 1.0
     steps: int = 1000
+    max_time_s: float = 0.0
     batch_size: int = 128
     warmup_steps: int = 0
     eval_every: int = 100
@@ -58,6 +80,12 @@ class TrainConfig:
             )
         if self.steps <= 0 or self.batch_size <= 0 or self.eval_every <= 0:
             raise LipcertError("steps, batch_size and eval_every must be positive")
+        if self.loss not in LOSSES:
+            raise LipcertError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
+        if self.margin_eps < 0 or self.temperature <= 0 or self.max_time_s < 0:
+            raise LipcertError("margin_eps and max_time_s must be ≥ 0 and temperature > 0")
+        if self.w_norm not in ("rms", "spectral"):
+            raise LipcertError(f"unknown w_norm {self.w_norm!r}; expected rms or spectral")
         if self.constraint != "none" and self.w_max <= 0:
             raise LipcertError(f"constraint {self.constraint!r} needs --w-max > 0")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -671,6 +671,16 @@ def case_token_ball(g):
     return Case(prog, (t, d), offset=1.5)
 
 
+def case_group_sort2(g):
+    t, d = _ri(g, 1, 3), 2 * _ri(g, 1, 3)
+    W = _w(g, d, d, 2.0)
+
+    def prog(call, z):
+        return call(torch.ops.lipcert.group_sort2.default, call(aten.linear.default, z, W))
+
+    return Case(prog, (t, d), offset=0.5)
+
+
 def case_vector_norm(g):
     t, d = _ri(g, 1, 3), _ri(g, 1, 4)
     keep = _maybe(g)
@@ -698,6 +708,7 @@ RULE_CASES = {
     "shape_ops": case_shape,
     "pooling": case_pool,
     "token_ball": case_token_ball,
+    "group_sort2": case_group_sort2,
     "vector_norm": case_vector_norm,
     **{f"pointwise_{k}": make_pointwise(k) for k in _POINTWISE},
 }

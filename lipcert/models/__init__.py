@@ -1,17 +1,20 @@
 """lipcert's models: a ViT classifier and a character-level GPT, each in a ``lipschitz``
-family (the paper's architecture) and a ``standard`` (pre-LayerNorm) family."""
+family (the paper's architecture) and a ``standard`` (pre-LayerNorm) family, and a
+``certified`` ViT family built for large certified radii (``lipcert.models.certified``)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from lipcert.models.certified import CertifiedViT
 from lipcert.models.config import ModelConfig
 from lipcert.models.gpt import GPT, EmbeddingSpaceGPT
 from lipcert.models.vit import ViT
 
 __all__ = [
     "GPT",
+    "CertifiedViT",
     "EmbeddingSpaceGPT",
     "ModelConfig",
     "ViT",
@@ -26,8 +29,14 @@ def build_model(config: ModelConfig) -> nn.Module:
     """A freshly initialised model for ``config``.
 
     Lipschitz-family matrices start orthogonal with unit RMS→RMS norm (σ = √(fan_out/fan_in)),
-    the natural starting point for Muon and the weight constraints.
+    the natural starting point for Muon and the weight constraints; certified-family
+    matrices start orthogonal with σ = 1.
     """
+    if config.family == "certified":
+        model = CertifiedViT(config)
+        for _, weight in constrained_matrices(model):
+            nn.init.orthogonal_(weight)
+        return model
     model = ViT(config) if config.arch == "vit" else GPT(config)
     if config.family == "lipschitz":
         for _, weight in constrained_matrices(model):

@@ -34,3 +34,28 @@ def token_ball(x: torch.Tensor, radius: float) -> torch.Tensor:
     the paper's RMS-normalised embedding.
     """
     return torch.ops.lipcert.token_ball(x, radius)
+
+
+_LIBRARY.define("group_sort2(Tensor x) -> Tensor")
+
+
+def _group_sort2(x: torch.Tensor) -> torch.Tensor:
+    pairs = x.unflatten(-1, (-1, 2))
+    low, high = pairs.amin(-1, keepdim=True), pairs.amax(-1, keepdim=True)
+    return torch.cat([low, high], dim=-1).flatten(-2)
+
+
+_LIBRARY.impl("group_sort2", _group_sort2, "CompositeImplicitAutograd")
+
+
+def group_sort2(x: torch.Tensor) -> torch.Tensor:
+    """GroupSort with groups of two ("MaxMin", Anil et al. 2019), along the last dimension.
+
+    Each adjacent pair (x_{2i}, x_{2i+1}) becomes (min, max). It permutes the entries of
+    every pair, so it preserves every norm, and it is 1-Lipschitz in L2: for sorted pairs
+    the rearrangement inequality gives p₍₁₎q₍₁₎ + p₍₂₎q₍₂₎ ≥ p·q, hence
+    ‖sort(p) − sort(q)‖² ≤ ‖p − q‖². It is deel-torchlip's ``GroupSort2`` on (B, C) inputs.
+    """
+    if x.shape[-1] % 2:
+        raise ValueError(f"group_sort2 needs an even last dimension, got {x.shape[-1]}")
+    return torch.ops.lipcert.group_sort2(x)

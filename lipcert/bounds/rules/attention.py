@@ -18,8 +18,14 @@ about the mean):
 so lip_tok ≤ lip_tok(v) + ρ_v·c·(lip_tok(q)·ρ_k + R_q·lip_tok(k)), with R from ``tok_norm``
 and ρ ≤ R (centre 0), or the half-diagonal of the rows' bounding box about its centre, or
 (local mode) max_j ‖v_j⁰ − mean_j v_j⁰‖ + lip_tok·r. Whole tensor (L queries per matrix):
-‖P dV‖_F ≤ ‖P‖₂‖dV‖_F ≤ √L‖dV‖_F (Schur: rows sum to 1, columns to ≤ L), so
-lip ≤ √L·lip(v) + ρ_v·c·(ρ_k·lip(q) + √L·R_q·lip(k)). Each output row is a convex
+‖P dV‖_F ≤ ‖P‖₂‖dV‖_F ≤ √(max column sum)·‖dV‖_F (Schur: ‖P‖₂² ≤ ‖P‖₁‖P‖_∞ and rows
+sum to 1), and the key term Σ_i Σ_j p_ij ‖dk_j‖² ≤ (max column sum)·‖dK‖_F², so
+lip ≤ κ·lip(v) + ρ_v·c·(ρ_k·lip(q) + κ·R_q·lip(k)) with κ² a bound of the column sums.
+Columns sum to at most L. Without a mask, the shifted scores t_ij = c·q_i·(k_j − m_k) give
+the same softmax and |t_ij| ≤ B = c·R_q·ρ_k, so p_ij ≤ e^B/(S·e^{−B}) and every column
+sums to at most L·e^{2B}/S: κ = min(√L, e^B·√(L/S)). For bounded scores (small B) this is
+about 1 instead of √L: attention is then close to an average, which is non-expansive.
+Each output row is a convex
 combination of value rows: its interval is the hull of theirs (causal: of j ≤ i) and its
 norm is ≤ R_v. With unit weights and R = √d this is the paper's one-head bound
 ‖W_V‖(1 + 2R²‖A‖); several heads are merged later by the reshape rule (× √H per token).
@@ -36,7 +42,16 @@ from torch import Tensor
 from lipcert.bounds.errors import UnsupportedOpError
 from lipcert.bounds.registry import rule
 from lipcert.bounds.rules.shape import broadcast, gather_core
-from lipcert.bounds.state import F64, Bound, Ctx, gamma, reduce_sid, sample_max, unify_sid
+from lipcert.bounds.state import (
+    F64,
+    Bound,
+    Ctx,
+    U,
+    gamma,
+    reduce_sid,
+    sample_max,
+    unify_sid,
+)
 
 aten = torch.ops.aten
 
@@ -108,8 +123,11 @@ def sdpa(
     rho_k = centred_radius(ctx, k, sk)
     rho_v = centred_radius(ctx, v, sv)
     lip_tok = v.lip_tok + rho_v * c * (q.lip_tok * rho_k + rq * k.lip_tok)
-    sl = math.sqrt(L)
-    lip = sl * v.lip + rho_v * c * (rho_k * q.lip + sl * rq * k.lip)
+    kappa = torch.full_like(rq, math.sqrt(L))
+    if attn_mask is None and not is_causal:
+        spread = torch.exp(c * rq * rho_k * (1 + 1e-15)) * (math.sqrt(L / S) * (1 + 8 * U))
+        kappa = torch.minimum(kappa, spread)
+    lip = kappa * v.lip + rho_v * c * (rho_k * q.lip + kappa * rq * k.lip)
     # intervals: convex hull of the value rows (j ≤ i when causal)
     if is_causal:
         idx = torch.arange(L).clamp(max=S - 1)

@@ -1,0 +1,157 @@
+"""The ``certified`` family: a ViT built to be about 1-Lipschitz in L2 from image to logits,
+so that certified radii margin / (√2·L) are large.
+
+Every weight is kept at spectral norm σ ≤ 1 during training (``w_norm="spectral"``,
+``w_max=1``) and starts orthogonal. With σ(·) the spectral norm and all norms whole-tensor
+L2 norms (perturbations of one image):
+
+* patchify is a permutation of the pixels; the patch embedding acts on every token with
+  the same W_pe, a block-diagonal map of norm σ(W_pe); biases and positions are constants;
+* attention f_a(X) = s·W_o·softmax(c·Q Kᵀ)·V with one head, Q = ball_R(X) W_qᵀ,
+  K = ball_R(X) W_kᵀ, V = ball_{R_v}(X) W_vᵀ (``token_ball``: 1-Lipschitz, tokens of
+  norm ≤ R) and c = B / R². Scores are bounded, |c·q_i·(k_j − m)| ≤ c·σ_q·σ_k·R² =: b, so
+  every column of the attention matrix sums to ≤ e^{2b} and ‖P‖₂ ≤ e^b (see
+  ``lipcert.bounds.rules.attention``). With ρ_v ≤ σ_v·R_v, the attention rule gives
+  Lip(f_a) ≤ s·σ_o·σ_v·(e^b + c·R·R_v·σ_q·σ_k·(1 + e^b)); s is the inverse of that
+  expression at unit norms, so f_a is 1-Lipschitz while every σ ≤ 1. Scores this small
+  make attention a learned, slightly input-dependent average of the tokens;
+* MLP f_m(x) = W_down·GroupSort2(W_up·x + b) + b per token: Lip ≤ σ_down·σ_up
+  (GroupSort2 is 1-Lipschitz and norm-preserving, Anil et al. 2019);
+* each sublayer is x ← (1 − α)·x + α·f(x), Lip ≤ (1 − α) + α·Lip(f); α = 1 drops the
+  residual (a gradient-norm-preserving stack, as in 1-Lipschitz dense networks);
+* pooling: ``flatten`` concatenates the tokens (an isometry) before the head; ``mean``
+  averages them (Lip 1/√N in L2, which shrinks margins as much as the bound);
+* head W_head·z + b: σ(W_head).
+
+``certified_lipschitz_bound`` composes these factors from the current weights,
+differentiably (the margin losses of ``lipcert.losses`` use it). ``lipcert certify``'s
+engine derives its global bound from the exported graph on its own; a test checks that it
+never exceeds this one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipcert.models.config import ModelConfig
+from lipcert.models.ops import group_sort2, token_ball
+
+
+def attention_gain(logit_bound: float, token_radius: float, value_radius: float,
+                   sigma_q: Tensor | float = 1.0, sigma_k: Tensor | float = 1.0) -> Tensor:
+    """e^b + c·R·R_v·σ_q·σ_k·(1 + e^b) with c = B/R², b = c·σ_q·σ_k·R² (see the module
+    docstring): the Lipschitz bound of unscaled attention per unit σ_v·σ_o."""
+    c = logit_bound / token_radius**2
+    qk = torch.as_tensor(sigma_q) * torch.as_tensor(sigma_k)
+    spread = torch.exp(c * qk * token_radius**2)
+    return spread + c * token_radius * value_radius * qk * (1 + spread)
+
+
+class CertifiedAttention(nn.Module):
+    """One-head attention on token-ball-projected inputs, scaled to be 1-Lipschitz."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.radius, self.value_radius = config.token_radius, config.value_radius
+        self.logit_bound = config.logit_bound
+        self.score_scale = config.logit_bound / config.token_radius**2
+        self.output_scale = 1.0 / float(
+            attention_gain(config.logit_bound, config.token_radius, config.value_radius))
+
+    def forward(self, x: Tensor) -> Tensor:
+        qk_in = token_ball(x, self.radius)
+        v_in = token_ball(x, self.value_radius)
+        q, k, v = (t.unsqueeze(1) for t in (self.q(qk_in), self.k(qk_in), self.v(v_in)))
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.score_scale).squeeze(1)
+        return self.o(y) * self.output_scale
+
+    def lipschitz_bound(self) -> Tensor:
+        s_q, s_k, s_v, s_o = (_sigma(m.weight) for m in (self.q, self.k, self.v, self.o))
+        gain = attention_gain(self.logit_bound, self.radius, self.value_radius, s_q, s_k)
+        return self.output_scale * s_o * s_v * gain
+
+
+class CertifiedMLP(nn.Module):
+    """W_down · GroupSort2(W_up x + b) + b, applied to every token."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(config.d_model, config.mlp_hidden)
+        self.down = nn.Linear(config.mlp_hidden, config.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(group_sort2(self.up(x)))
+
+    def lipschitz_bound(self) -> Tensor:
+        return _sigma(self.up.weight) * _sigma(self.down.weight)
+
+
+class CertifiedBlock(nn.Module):
+    """x ← (1 − α_a)·x + α_a·attention(x); x ← (1 − α_m)·x + α_m·mlp(x)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn, self.mlp = CertifiedAttention(config), CertifiedMLP(config)
+        self.attn_alpha, self.mlp_alpha = config.attn_alpha, config.mlp_alpha
+
+    @staticmethod
+    def _mix(x: Tensor, fx: Tensor, alpha: float) -> Tensor:
+        return fx if alpha == 1.0 else (1 - alpha) * x + alpha * fx
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._mix(x, self.attn(x), self.attn_alpha)
+        return self._mix(x, self.mlp(x), self.mlp_alpha)
+
+    def lipschitz_bound(self) -> Tensor:
+        a, m = self.attn_alpha, self.mlp_alpha
+        return ((1 - a) + a * self.attn.lipschitz_bound()) * (
+            (1 - m) + m * self.mlp.lipschitz_bound())
+
+
+class CertifiedViT(nn.Module):
+    """Images (B, C, H, W) in [0, 1] → logits (B, num_classes); see the module docstring."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.n_patches = (c.image_size // c.patch_size) ** 2
+        self.patch_embed = nn.Linear(c.channels * c.patch_size**2, c.d_model)
+        self.pos_embed = nn.Parameter(torch.zeros(self.n_patches, c.d_model))
+        self.blocks = nn.ModuleList(CertifiedBlock(c) for _ in range(c.n_layers))
+        pooled = c.d_model * (self.n_patches if c.pooling == "flatten" else 1)
+        self.head = nn.Linear(pooled, c.num_classes)
+
+    def patchify(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) → (B, N, C·p·p), patches in row-major order."""
+        B, C, H, W = images.shape
+        p = self.config.patch_size
+        x = images.reshape(B, C, H // p, p, W // p, p)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(B, self.n_patches, C * p * p)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patch_embed(self.patchify(images)) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        pooled = x.flatten(1) if self.config.pooling == "flatten" else x.mean(dim=1)
+        return self.head(pooled)
+
+
+def _sigma(weight: Tensor) -> Tensor:
+    """σ_max(W), differentiable (its gradient is u₁v₁ᵀ)."""
+    return torch.linalg.matrix_norm(weight, ord=2)
+
+
+def certified_lipschitz_bound(model: CertifiedViT) -> Tensor:
+    """The composed L2 Lipschitz bound of the module docstring, as a differentiable scalar."""
+    bound = _sigma(model.patch_embed.weight)
+    for block in model.blocks:
+        bound = bound * block.lipschitz_bound()
+    if model.config.pooling == "mean":
+        bound = bound / math.sqrt(model.n_patches)
+    return bound * _sigma(model.head.weight)
