@@ -45,6 +45,7 @@ class TrainConfig:
     attn_alpha: float = 0.1
     mlp_alpha: float = 1.0
     pooling: str = "flatten"
+    head_hidden: int = 0
     image_size: int = 28
     channels: int = 1
     patch_size: int = 7

@@ -21,7 +21,10 @@ L2 norms (perturbations of one image):
   residual (a gradient-norm-preserving stack, as in 1-Lipschitz dense networks);
 * pooling: ``flatten`` concatenates the tokens (an isometry) before the head; ``mean``
   averages them (Lip 1/√N in L2, which shrinks margins as much as the bound);
-* head W_head·z + b: σ(W_head).
+* head W_head·z + b: σ(W_head); or, with ``head_hidden`` > 0, a GroupSort2 MLP
+  W_2·GroupSort2(W_1·z + b) + b over the pooled vector: σ(W_1)·σ(W_2). On flattened tokens
+  this is a 1-Lipschitz dense network reading every token, the mixing that weak attention
+  does not provide.
 
 ``certified_lipschitz_bound`` composes these factors from the current weights,
 differentiably (the margin losses of ``lipcert.losses`` use it). ``lipcert certify``'s
@@ -92,6 +95,24 @@ class CertifiedMLP(nn.Module):
         return _sigma(self.up.weight) * _sigma(self.down.weight)
 
 
+class CertifiedHead(nn.Module):
+    """W_2·GroupSort2(W_1·z + b) + b, or W·z + b when ``hidden`` is 0."""
+
+    def __init__(self, pooled: int, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [nn.Linear(pooled, hidden), nn.Linear(hidden, classes)] if hidden
+            else [nn.Linear(pooled, classes)])
+
+    def forward(self, z: Tensor) -> Tensor:
+        for k, layer in enumerate(self.layers):
+            z = layer(group_sort2(z) if k else z)
+        return z
+
+    def lipschitz_bound(self) -> Tensor:
+        return math.prod(_sigma(layer.weight) for layer in self.layers)
+
+
 class CertifiedBlock(nn.Module):
     """x ← (1 − α_a)·x + α_a·attention(x); x ← (1 − α_m)·x + α_m·mlp(x)."""
 
@@ -125,7 +146,7 @@ class CertifiedViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(self.n_patches, c.d_model))
         self.blocks = nn.ModuleList(CertifiedBlock(c) for _ in range(c.n_layers))
         pooled = c.d_model * (self.n_patches if c.pooling == "flatten" else 1)
-        self.head = nn.Linear(pooled, c.num_classes)
+        self.head = CertifiedHead(pooled, c.head_hidden, c.num_classes)
 
     def patchify(self, images: Tensor) -> Tensor:
         """(B, C, H, W) → (B, N, C·p·p), patches in row-major order."""
@@ -154,4 +175,4 @@ def certified_lipschitz_bound(model: CertifiedViT) -> Tensor:
         bound = bound * block.lipschitz_bound()
     if model.config.pooling == "mean":
         bound = bound / math.sqrt(model.n_patches)
-    return bound * _sigma(model.head.weight)
+    return bound * model.head.lipschitz_bound()

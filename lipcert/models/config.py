@@ -19,7 +19,8 @@ class ModelConfig:
     ``token_radius`` R and ``value_radius`` R_v, the token-ball radii of the attention's
     query/key and value inputs; ``logit_bound`` B, the attention scores' bound c·R² (c the
     score scale); ``attn_alpha`` and ``mlp_alpha``, the convex residual weights (1: no
-    residual); ``pooling``, ``flatten`` (concatenate the tokens) or ``mean``.
+    residual); ``pooling``, ``flatten`` (concatenate the tokens) or ``mean``;
+    ``head_hidden``, the width of a GroupSort2 MLP head (0: a linear head).
     """
 
     arch: Literal["vit", "gpt"]
@@ -38,6 +39,7 @@ class ModelConfig:
     attn_alpha: float = 0.1
     mlp_alpha: float = 1.0
     pooling: Literal["flatten", "mean"] = "flatten"
+    head_hidden: int = 0
     # ViT
     image_size: int = 28
     channels: int = 1
@@ -75,8 +77,8 @@ class ModelConfig:
             raise LipcertError("token_radius and value_radius must be > 0, logit_bound ≥ 0")
         if not (0 <= self.attn_alpha <= 1 and 0 <= self.mlp_alpha <= 1):
             raise LipcertError("attn_alpha and mlp_alpha must lie in [0, 1]")
-        if self.mlp_hidden % 2:
-            raise LipcertError("GroupSort2 needs an even MLP width (d_model·mlp_ratio)")
+        if self.mlp_hidden % 2 or self.head_hidden % 2 or self.head_hidden < 0:
+            raise LipcertError("GroupSort2 needs even MLP and head widths ≥ 0")
 
     @property
     def mlp_hidden(self) -> int:
