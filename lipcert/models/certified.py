@@ -164,8 +164,16 @@ class CertifiedViT(nn.Module):
 
 
 def _sigma(weight: Tensor) -> Tensor:
-    """σ_max(W), differentiable (its gradient is u₁v₁ᵀ)."""
-    return torch.linalg.matrix_norm(weight, ord=2)
+    """σ_max(W) = ‖W·v₁‖ with v₁ the top right singular vector, found (without gradient) as
+    the top eigenvector of the float64 Gram matrix: differentiable, with gradient u₁v₁ᵀ.
+    (``torch.linalg.matrix_norm(ord=2)`` runs an SVD, which fails to converge on the
+    nearly-orthogonal matrices that Muon produces.)"""
+    with torch.no_grad():
+        w = weight.detach().double()
+        tall = w.shape[0] >= w.shape[1]
+        gram = w.mT @ w if tall else w @ w.mT
+        top = torch.linalg.eigh(gram).eigenvectors[:, -1].to(weight.dtype)
+    return torch.linalg.vector_norm(weight @ top if tall else top @ weight)
 
 
 def certified_lipschitz_bound(model: CertifiedViT) -> Tensor:
