@@ -10,6 +10,7 @@
   batch by batch to a resumable CSV; ``robust_accuracy`` as AutoAttack counts it.
 * ``attacks.minimal``: the smallest L2 perturbation found per sample (empirical radius).
 * ``attacks.audit``: certificates set against attacks; violations are soundness bugs.
+  ``radius_audit`` attacks each sample with PGD-L2 at exactly its certified radius.
 * ``attacks.cli``: the ``lipcert attack`` subcommand (``add_attack_parser``).
 """
 
@@ -21,7 +22,9 @@ from typing import Any
 _EXPORTS = {
     "Certificate": "attacks.audit", "certified_vs_robust": "attacks.audit",
     "find_violations": "attacks.audit", "load_certificate": "attacks.audit",
-    "minimal_violations": "attacks.audit", "add_attack_parser": "attacks.cli",
+    "minimal_violations": "attacks.audit", "radius_audit": "attacks.audit",
+    "radius_violations": "attacks.audit", "BallPGDL2": "attacks.audit",
+    "add_attack_parser": "attacks.cli",
     "BatchedDeepFool": "attacks.deepfool", "EmbeddingBox": "attacks.embedding",
     "NextTokenClassifier": "attacks.embedding", "attack_accuracy": "attacks.harness",
     "robust_accuracy": "attacks.harness", "run_attacks": "attacks.harness",
@@ -55,6 +58,7 @@ __all__ = [
     "REGISTRY",
     "AttackSpace",
     "AttackSpec",
+    "BallPGDL2",
     "BatchedDeepFool",
     "Certificate",
     "EmbeddingBox",
@@ -71,6 +75,8 @@ __all__ = [
     "parse_attacks",
     "parse_eps",
     "project",
+    "radius_audit",
+    "radius_violations",
     "read_results",
     "resolve",
     "robust_accuracy",

@@ -2,6 +2,7 @@
 
     lipcert attack MODEL [MODEL ...] --data NAME [--attacks fgsm,pgd,pgdl2]
         [--eps-l2 0.25,0.5] [--eps-linf 8/255,0.1] [--n N] [--certificate FILE]
+        [--audit-radius [--audit-steps 100] [--audit-restarts 5]]
         [--seed S] [--device cpu|cuda] -o attacks.csv
 
 MODEL is a run directory, a ``.pt2`` file, or ``package.module:factory`` with ``--weights``
@@ -18,8 +19,12 @@ MODEL is a run directory, a ``.pt2`` file, or ``package.module:factory`` with ``
 
 Outputs: the per-sample CSV (resumable; ``attacks.results``) with its ``.meta.json``;
 with ``--certificate``, ``<stem>.violations.csv`` (header only when there is none); with
-``--minimal``, ``<stem>.minimal.csv`` (``attacks.minimal``). The exit status is 0, or 1
-when the audit finds a certificate violation; user errors raise ``LipcertError``.
+``--minimal``, ``<stem>.minimal.csv`` (``attacks.minimal``); with ``--audit-radius``,
+``<stem>.radius-audit.csv``: every sample with a positive certified radius r attacked by
+PGD-L2 at budget exactly r from random starts inside its ball (``attacks.audit.radius_audit``),
+its violations joining ``<stem>.violations.csv``. Every file is written atomically. The
+exit status is 0, or 1 when the audit finds a certificate violation; user errors raise
+``LipcertError``.
 """
 
 from __future__ import annotations
@@ -62,7 +67,10 @@ def add_attack_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "attack", help="robust accuracy under adversarial attacks (per-sample CSV)",
         description="Attack MODELs on the first N test samples (text: N validation "
         "windows, in embedding space) with each attack at each ε, and write one row per "
-        "sample, attack and ε. Rerunning with the same -o resumes an interrupted run.",
+        "sample, attack and ε. Rerunning with the same -o resumes an interrupted run. "
+        "With --certificate, any adversarial example inside a certified radius is a "
+        "violation (exit status 1); --audit-radius also attacks every certified ball at "
+        "exactly its own radius.",
     )
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="run directory, .pt2 file, or package.module:factory")
@@ -88,6 +96,15 @@ def add_attack_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="allow unpickling weights (can execute code)")
     p.add_argument("--minimal", action="store_true",
                    help="also search the smallest L2 perturbation per sample")
+    p.add_argument("--audit-radius", action="store_true",
+                   help="with --certificate: also attack every sample with a positive "
+                   "certified radius r by PGD-L2 at budget exactly r (random starts inside "
+                   "the ball, within the input domain); any misclassified point found there "
+                   "is a violation. Writes <stem>.radius-audit.csv")
+    p.add_argument("--audit-steps", type=int, default=100, metavar="N",
+                   help="PGD steps per start for --audit-radius (default 100)")
+    p.add_argument("--audit-restarts", type=int, default=5, metavar="R",
+                   help="random starts per sample for --audit-radius (default 5)")
     p.add_argument("--overwrite", action="store_true", help="start OUTPUT afresh")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="CSV")
@@ -128,6 +145,10 @@ def run_attack_command(args: argparse.Namespace) -> int:
             raise LipcertError(f"the chosen attacks need a --eps-{norm} grid")
     if args.n < 1 or args.batch_size < 1:
         raise LipcertError("--n and --batch-size must be >= 1")
+    if args.audit_radius and not args.certificate:
+        raise LipcertError("--audit-radius needs a --certificate to audit")
+    if args.audit_steps < 1 or args.audit_restarts < 1:
+        raise LipcertError("--audit-steps and --audit-restarts must be >= 1")
     device = _device(args.device)
     certificates = [load_certificate(p) for p in args.certificate or []]
 
@@ -145,7 +166,7 @@ def run_attack_command(args: argparse.Namespace) -> int:
     matched = _match_certificates(certificates, problems)
 
     console = Console(soft_wrap=True)
-    minimal_frames = []
+    minimal_frames, radius_frames = [], []
     for k, problem in enumerate(problems):
         cert = matched.get(problem.name)
         radii = cert.radii(problem.indices, problem.y.tolist())[0] if cert else None
@@ -166,6 +187,16 @@ def run_attack_command(args: argparse.Namespace) -> int:
                 problem.classifier, problem.x, problem.y, model_name=problem.name,
                 space=problem.space, batch_size=args.batch_size, device=device,
                 seed=args.seed, indices=problem.indices, certified_radius_l2=radii))
+        if args.audit_radius and radii is not None:
+            from attacks.audit import radius_audit
+
+            console.print(f"radius audit of {problem.name}: PGD-L2 at each certified radius, "
+                          f"{args.audit_steps} steps, {args.audit_restarts} random starts")
+            radius_frames.append(radius_audit(
+                problem.classifier, problem.x, problem.y, radii, model_name=problem.name,
+                space=problem.space, steps=args.audit_steps, restarts=args.audit_restarts,
+                batch_size=args.batch_size, device=device, seed=args.seed,
+                indices=problem.indices))
 
     df = read_results(args.output)
     df = df[df["model"].isin(names)].reset_index(drop=True)
@@ -175,15 +206,30 @@ def run_attack_command(args: argparse.Namespace) -> int:
         path = _sibling(args.output, "minimal")
         _write_csv(path, pd.concat(minimal_frames, ignore_index=True))
         console.print(f"minimal perturbations: {path}")
+    radius = pd.concat(radius_frames, ignore_index=True) if radius_frames else None
+    if radius is not None:
+        path = _sibling(args.output, "radius-audit")
+        _write_csv(path, radius)
+        _print_table(console, _radius_summary(radius),
+                     "radius audit (PGD-L2 inside each certified ball)")
+        console.print(f"radius audit: {path}")
     if not matched:
         return 0
     minimal = pd.concat(minimal_frames, ignore_index=True) if minimal_frames else None
-    return _audit(console, df, problems, matched, args.output, minimal)
+    return _audit(console, df, problems, matched, args.output, minimal, radius)
+
+
+def _radius_summary(radius: pd.DataFrame) -> pd.DataFrame:
+    """Per model: samples audited, their median certified radius, the smallest margin
+    z_y − max_{j≠y} z_j the attack reached inside a ball, and the number of violations."""
+    return radius.groupby("model", sort=False).agg(
+        audited=("index", "size"), median_radius=("certified_radius_l2", "median"),
+        min_margin=("margin_adv", "min"), violations=("violation", "sum")).reset_index()
 
 
 def _audit(console: Console, df: pd.DataFrame, problems: list[_Problem],
-           matched: dict[str, Certificate], output: Path, minimal: pd.DataFrame | None
-           ) -> int:
+           matched: dict[str, Certificate], output: Path, minimal: pd.DataFrame | None,
+           radius: pd.DataFrame | None) -> int:
     import pandas as pd
 
     from attacks.audit import (
@@ -192,9 +238,12 @@ def _audit(console: Console, df: pd.DataFrame, problems: list[_Problem],
         find_violations,
         minimal_violations,
         print_violations,
+        radius_violations,
     )
 
     frames = [minimal_violations(minimal)] if minimal is not None else []
+    if radius is not None:
+        frames.append(radius_violations(radius))
     tables = []
     for problem in problems:
         cert = matched.get(problem.name)
@@ -338,7 +387,8 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
 
 
 _SHORT = {"clean_accuracy": "clean", "robust_accuracy": "robust",
-          "certified_accuracy": "certified"}
+          "certified_accuracy": "certified", "median_radius": "median r",
+          "min_margin": "min margin"}
 
 
 def _print_table(console: Console, df: pd.DataFrame, title: str) -> None:

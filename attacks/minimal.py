@@ -57,27 +57,43 @@ class PerSamplePGDL2(torchattacks.PGDL2):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor
                 ) -> torch.Tensor:
+        images, labels, eps = self._prepare(images, labels, eps)
+        adv = self._start(images, eps) if self.random_start else images.clone()
+        for _ in range(self.steps):
+            adv = self._step(images, labels, adv, eps)[1]
+        return adv
+
+    def _prepare(self, images: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs and labels on the attack's device, ε as a (B, 1, …) column."""
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
         shape = (len(images),) + (1,) * (images.dim() - 1)
-        eps = eps.to(self.device, images.dtype).view(shape)
-        alpha = self.step_fraction * eps
-        loss = nn.CrossEntropyLoss()
-        adv = images.clone()
-        if self.random_start:
-            delta = torch.empty_like(adv).normal_()
-            length = delta.flatten(1).norm(dim=1).view(shape)
-            radius = torch.zeros_like(length).uniform_(0, 1)
-            adv = torch.clamp(adv + delta * radius / length * eps, 0, 1).detach()
-        for _ in range(self.steps):
-            adv.requires_grad = True
-            cost = loss(self.get_logits(adv), labels)
-            grad = torch.autograd.grad(cost, adv)[0]
-            grad = grad / (grad.flatten(1).norm(dim=1).view(shape) + self.eps_for_division)
-            delta = adv.detach() + alpha * grad - images
-            factor = torch.clamp(eps / delta.flatten(1).norm(dim=1).view(shape), max=1.0)
-            adv = torch.clamp(images + delta * factor, 0, 1).detach()
-        return adv
+        return images, labels, eps.to(self.device, images.dtype).view(shape)
+
+    def _start(self, images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """PGDL2's random start: a Gaussian direction, a length uniform in [0, ε], then the
+        clamp to [0, 1] (a projection onto a convex set holding x: it never lengthens δ)."""
+        delta = torch.empty_like(images).normal_()
+        length = delta.flatten(1).norm(dim=1).view(eps.shape)
+        radius = torch.zeros_like(length).uniform_(0, 1)
+        return torch.clamp(images + delta * radius / length * eps, 0, 1).detach()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What each step ascends: the cross-entropy, as in PGDL2."""
+        return nn.CrossEntropyLoss()(logits, labels)
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, adv: torch.Tensor,
+              eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step from ``adv``: the logits at ``adv`` and the next iterate
+        clamp(x + P(adv + α·g/‖g‖ − x)), P scaling δ by min(1, ε/‖δ‖), α = fraction·ε."""
+        adv = adv.clone().detach().requires_grad_(True)
+        logits = self.get_logits(adv)
+        grad = torch.autograd.grad(self._loss(logits, labels), adv)[0]
+        grad = grad / (grad.flatten(1).norm(dim=1).view(eps.shape) + self.eps_for_division)
+        delta = adv.detach() + self.step_fraction * eps * grad - images
+        factor = torch.clamp(eps / delta.flatten(1).norm(dim=1).view(eps.shape), max=1.0)
+        return logits.detach(), torch.clamp(images + delta * factor, 0, 1).detach()
 
 
 class _Search:

@@ -1,13 +1,18 @@
 """Per-sample global certification of MNIST test images against plain inference.
 
 Issue 3's bar: certifying 1,000 images globally costs at most 1.5× plain inference on the
-same batch. Measured side by side in one process, medians over ``--repeats``:
+same batch. Measured side by side in one process, medians over ``--repeats`` rounds, each
+round timing every row once (interleaved, so that load from other processes on a shared
+machine falls on all rows alike):
 
 * plain inference of the exported program (``model.pt2``) and of the eager module;
 * ``certify`` of the exported program (the graph already exists);
-* ``certify`` of the eager module, which pays for ``torch.export`` once per call.
+* ``certify`` of the eager module, which pays for ``torch.export`` once per call;
+* the phases of ``certify`` of the program (its ``timing_s``): the forward pass for the
+  margins, the global bound propagation, the per-layer table.
 
-    .venv/bin/python benchmarks/certify_overhead.py RUN_DIR [--n 1000] [--repeats 5]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/certify_overhead.py RUN_DIR \\
+        [--n 1000] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -24,13 +29,10 @@ from lipcert.data import load_dataset
 from lipcert.loading import load_model
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -48,18 +50,28 @@ def main() -> None:
         with torch.no_grad():
             module(x)
 
-    rows = {
-        "inference (.pt2 program)": _median_time(lambda: infer(program.module), args.repeats),
-        "inference (eager module)": _median_time(lambda: infer(eager), args.repeats),
-        "certify (.pt2 program)": _median_time(lambda: certify(program.program, x, y),
-                                               args.repeats),
-        "certify (eager module, exports)": _median_time(lambda: certify(eager, x, y),
-                                                        args.repeats),
+    calls: dict[str, Callable[[], object]] = {
+        "inference (.pt2 program)": lambda: infer(program.module),
+        "inference (eager module)": lambda: infer(eager),
+        "certify (.pt2 program)": lambda: certify(program.program, x, y),
+        "certify (eager module, exports)": lambda: certify(eager, x, y),
     }
-    base = rows["inference (.pt2 program)"]
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    phases: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        for name, fn in calls.items():
+            seconds, out = _timed(fn)
+            times[name].append(seconds)
+            if name == "certify (.pt2 program)":
+                for phase, t in out.timing_s.items():
+                    phases.setdefault(phase, []).append(t)
+    base = statistics.median(times["inference (.pt2 program)"])
     print(f"{len(y)} images, torch threads {torch.get_num_threads()}, medians of {args.repeats}")
-    for name, seconds in rows.items():
+    for name, values in times.items():
+        seconds = statistics.median(values)
         print(f"{name:<34} {seconds:8.3f} s   {seconds / base:5.2f}x")
+    print("phases of certify (.pt2 program): " + ", ".join(
+        f"{phase} {statistics.median(values):.3f} s" for phase, values in phases.items()))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""attacks.audit: certificates checked against adversarial examples."""
+"""attacks.audit: certificates checked against adversarial examples, on an ε grid and at
+each sample's own certified radius."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from rich.console import Console
 
 from attacks import run_attacks
 from attacks.audit import (
+    RADIUS_AUDIT_COLUMNS,
     VIOLATION_COLUMNS,
+    BallPGDL2,
     certified_vs_robust,
     find_violations,
     load_certificate,
     minimal_violations,
     print_violations,
+    radius_audit,
+    radius_violations,
 )
 from attacks.minimal import minimal_perturbation
 from lipcert.errors import LipcertError
@@ -128,3 +133,121 @@ def test_minimal_perturbations_below_the_certified_radius_are_violations(problem
     console = Console(record=True, width=200)
     print_violations(violations, console)
     assert "minimal:" in console.export_text()
+
+
+# ------------------------------------------------------------- the per-sample radius audit
+
+
+def _certified(run: Path, mode: str, n: int = 20):
+    from lipcert.certificate import certify
+    from lipcert.loading import load_model
+    from lipcert.samples import select_samples
+
+    samples = select_samples(load_model(run), "mnist", n)
+    cert = certify(samples.certifiable, samples.inputs, samples.labels, mode=mode)
+    radii = np.array([s.radius_l2 for s in cert.samples])
+    return samples, radii
+
+
+@pytest.mark.parametrize("run", ["vit-mnist-lipschitz-tiny", "vit-mnist-standard-tiny"])
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_radius_audit_finds_nothing_inside_true_certified_balls(tiny_runs, run, mode) -> None:
+    samples, radii = _certified(tiny_runs[run], mode)
+    df = radius_audit(samples.classifier, samples.inputs, samples.labels, radii,
+                      model_name=run, steps=100, restarts=5, batch_size=8)
+    assert list(df.columns) == RADIUS_AUDIT_COLUMNS
+    assert df["index"].tolist() == np.flatnonzero(radii > 0).tolist() and len(df) >= 10
+    assert not df["violation"].any() and radius_violations(df).empty
+    assert (df["steps"] == 100).all() and (df["restarts"] == 5).all()
+    assert (df["pred_adv"] == df["label"]).all() and (df["margin_adv"] > 0).all()
+    assert (df["delta_l2"] <= df["certified_radius_l2"]).all()
+    assert (df["margin_adv"] <= df["margin_clean"]).all()
+    if mode == "local":  # radii above float32 resolution: the attack ends on the sphere
+        assert (df["delta_l2"] >= 0.99 * df["certified_radius_l2"]).all()
+        assert (df["margin_adv"] < df["margin_clean"]).all()
+
+
+def test_radius_audit_catches_inflated_and_misclassified_claims(tiny_runs) -> None:
+    run = tiny_runs["vit-mnist-lipschitz-tiny"]
+    samples, radii = _certified(run, "global")
+    wrong = np.flatnonzero(radii == 0)
+    assert len(wrong) > 0
+    planted = radii * 1000  # ×100 still lies below these samples' empirical radii (~150×)
+    planted[wrong[0]] = 0.01  # a claim for a sample the model gets wrong (or ties)
+    x, y = samples.inputs, samples.labels
+    df = radius_audit(samples.classifier, x, y, planted, model_name="tiny", batch_size=8)
+    violations = radius_violations(df)
+    assert list(violations.columns) == VIOLATION_COLUMNS
+    assert len(violations) == int(df["violation"].sum())
+    assert (violations["attack"] == "radius-audit:pgdl2").all()
+    assert (violations["delta_l2"] <= violations["certified_radius_l2"]).all()
+    assert (violations["eps"] == violations["certified_radius_l2"]).all()
+    row = df.set_index("index").loc[wrong[0]]
+    assert row["violation"] and row["delta_l2"] == 0 and row["margin_adv"] <= 0
+    # every inflated claim that a minimal-norm attack refutes with room to spare is caught
+    minimal = minimal_perturbation(samples.classifier, x, y, methods=["deepfool"])
+    refuted = minimal.index[(minimal["radius_l2"] < planted / 2)].tolist()
+    caught = df.loc[df["violation"], "index"].tolist()
+    assert len(refuted) >= 5 and set(refuted) <= set(caught)
+    with torch.no_grad():  # the clean samples behind the caught claims: one misclassified
+        assert int((samples.classifier(x[caught]).argmax(1) != y[caught]).sum()) == 1
+
+
+class _Affine(torch.nn.Module):
+    """Logits W·(x − ½): the distance to the decision boundary is known exactly, and it is
+    at most ‖x − ½‖."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc = torch.nn.Linear(16, 3)
+        with torch.no_grad():
+            self.fc.bias.copy_(-0.5 * self.fc.weight.sum(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_radius_audit_is_exact_on_an_affine_model() -> None:
+    """Just inside the true radius nothing is found; just outside, every claim falls."""
+    model = _Affine().eval()
+    x = 0.45 + 0.1 * torch.rand(12, 1, 4, 4)  # ‖x − ½‖ ≤ 0.2: the box's faces lie further
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    w, b = model.fc.weight.double(), model.fc.bias.double()
+    z = x.flatten(1).double() @ w.T + b
+    exact = torch.stack([min((z[i, k] - z[i, j]) / (w[k] - w[j]).norm()
+                             for j in range(3) if j != k)
+                         for i, k in enumerate(y.tolist())]).detach()
+    assert float(exact.max()) < 0.2
+    inside = radius_audit(model, x, y, exact * 0.999, steps=100, restarts=5)
+    assert not inside["violation"].any() and (inside["margin_adv"] > 0).all()
+    outside = radius_audit(model, x, y, exact * 1.001, steps=100, restarts=5)
+    assert outside["violation"].all()
+    assert (outside["delta_l2"] <= outside["certified_radius_l2"]).all()
+
+
+def test_ball_pgdl2_starts_uniformly_in_the_ball() -> None:
+    """Uniform by volume in n dimensions: (‖δ‖/ε)^n is uniform on [0, 1]."""
+    attack = BallPGDL2(_Affine().eval(), steps=1)
+    x = torch.full((4000, 1, 4, 4), 0.5)
+    eps = torch.full((4000, 1, 1, 1), 0.3)
+    torch.manual_seed(0)
+    start = attack._start(x, eps)
+    u = ((start - x).double().flatten(1).norm(dim=1) / 0.3) ** 16
+    assert float(u.max()) <= 1 + 1e-5
+    quartiles = torch.quantile(u, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    assert torch.allclose(quartiles, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64),
+                          atol=0.03)
+
+
+def test_radius_audit_rejects_bad_settings(problem) -> None:
+    model, x, y = problem
+    with pytest.raises(LipcertError, match="steps, restarts"):
+        radius_audit(model, x, y, np.zeros(20), steps=0)
+    with pytest.raises(LipcertError, match=">= 0"):
+        radius_audit(model, x, y, np.full(20, -1.0))
+    with pytest.raises(LipcertError, match="one value per sample"):
+        radius_audit(model, x, y, np.zeros(3))
+    empty = radius_audit(model, x, y, np.full(20, np.nan))
+    assert empty.empty and list(empty.columns) == RADIUS_AUDIT_COLUMNS

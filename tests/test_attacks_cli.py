@@ -103,6 +103,53 @@ def test_audit_catches_a_planted_certificate_and_exits_non_zero(runs, tmp_path, 
     assert pd.read_csv(tmp_path / "sound.violations.csv").empty
 
 
+def test_radius_audit_passes_a_real_certificate_and_catches_a_planted_one(runs, tmp_path,
+                                                                           capsys) -> None:
+    from lipcert.cli import main
+
+    cert = tmp_path / "local.json"
+    assert main(["certify", str(runs["vit"]), "--data", "mnist", "--n", "24", "--mode",
+                 "local", "--no-lower", "-o", str(cert)]) == 0
+    capsys.readouterr()
+    audit_args = ["--audit-radius", "--audit-steps", "20", "--audit-restarts", "2"]
+    out = tmp_path / "sound.csv"
+    assert lipcert(["attack", str(runs["vit"]), *IMAGE_ARGS, "--certificate", str(cert),
+                    *audit_args, "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "radius audit" in stdout and "0 violations" in stdout
+    audit = pd.read_csv(tmp_path / "sound.radius-audit.csv")
+    claims = [s for s in json.loads(cert.read_text())["samples"] if s["radius_l2"] > 0]
+    assert audit["index"].tolist() == [s["index"] for s in claims] and len(claims) > 10
+    assert audit["certified_radius_l2"].tolist() == [s["radius_l2"] for s in claims]
+    assert not audit["violation"].any() and (audit["steps"] == 20).all()
+    assert (audit["delta_l2"] <= audit["certified_radius_l2"]).all()
+    assert pd.read_csv(tmp_path / "sound.violations.csv").empty
+
+    wrong = _certificate(tmp_path / "wrong.json", runs["vit"], radius=1e3)
+    out = tmp_path / "wrong.csv"
+    assert lipcert(["attack", str(runs["vit"]), *IMAGE_ARGS, "--certificate", str(wrong),
+                    *audit_args, "-o", str(out)]) == 1
+    assert "radius-audit:pgdl2" in capsys.readouterr().err
+    audit = pd.read_csv(tmp_path / "wrong.radius-audit.csv")
+    assert len(audit) == 24 and audit["violation"].all()  # a ball holding all of [0, 1]^n
+    assert (audit["delta_l2"] <= 28.0).all()
+    violations = pd.read_csv(tmp_path / "wrong.violations.csv")
+    from_radius = violations[violations["attack"] == "radius-audit:pgdl2"]
+    assert sorted(from_radius["index"]) == list(range(24))
+    assert (from_radius["eps"] == 1e3).all()
+
+
+def test_radius_audit_needs_a_certificate(runs, tmp_path, capsys) -> None:
+    argv = ["attack", str(runs["vit"]), *IMAGE_ARGS, "--audit-radius", "-o",
+            str(tmp_path / "a.csv")]
+    assert lipcert(argv) == 2
+    err = capsys.readouterr().err
+    assert "--audit-radius needs a --certificate" in err and len(err.strip().splitlines()) == 1
+    argv[argv.index("--audit-radius")] = "--audit-steps=0"
+    assert lipcert(argv) == 2 and ">= 1" in capsys.readouterr().err
+    assert not (tmp_path / "a.csv").exists()
+
+
 def test_text_model_is_attacked_in_embedding_space(runs, tmp_path) -> None:
     out = tmp_path / "text.csv"
     code = lipcert(["attack", str(runs["gpt"]), "--data", "shakespeare", "--n", "8",

@@ -176,16 +176,40 @@ def test_static_batch_program_is_padded() -> None:
         assert sa.radius_l2 == pytest.approx(sb.radius_l2, rel=1e-5, abs=1e-7)
 
 
+def test_margins_come_from_the_programs_own_forward_pass() -> None:
+    """certify runs the program's graph module on the lifted weights: the logits are
+    those of ``program.module()``, bit for bit, chunk by chunk."""
+    model = _vit()
+    x = torch.rand(9, 1, 8, 8)
+    program = torch.export.export(model, (x[:2],),
+                                  dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    y = torch.arange(9) % 10
+    cert = certify(program, x, y, batch_size=4)
+    with torch.no_grad():
+        z = torch.cat([program.module()(x[a:a + 4]) for a in range(0, 9, 4)]).double()
+    own = z.gather(1, y[:, None]).squeeze(1)
+    other = z.scatter(1, y[:, None], -math.inf).amax(1)
+    assert [s.margin for s in cert.samples] == (own - other).tolist()
+    assert [s.pred for s in cert.samples] == z.argmax(1).tolist()
+
+
 def test_bad_inputs_are_clear_errors() -> None:
     model = _mlp()
     x = torch.rand(3, 4, 4)
     y = torch.zeros(3, dtype=torch.long)
     with pytest.raises(LipcertError, match="outside the input domain"):
         certify(model, x + 2, y)
+    with pytest.raises(LipcertError, match="outside the input domain"):
+        certify(model, torch.where(x > 0.5, math.nan, x), y)
     with pytest.raises(LipcertError, match="mode"):
         certify(model, x, y, mode="other")
     with pytest.raises(LipcertError, match="lengths"):
         certify(model, x, y[:2])
+    with pytest.raises(LipcertError, match="2 indices for 3 samples"):
+        certify(model, x, y, indices=[0, 1])
+    program = torch.export.export(model, (x,))
+    with pytest.raises(LipcertError, match="do not fit the program's input shape"):
+        certify(program, torch.rand(3, 2, 8), y)
 
     class Seq(nn.Module):
         def forward(self, z: Tensor) -> Tensor:
