@@ -20,10 +20,10 @@ _GPT_SHAKESPEARE = dict(arch="gpt", dataset="shakespeare", n_heads=4, eval_every
 
 # The certified family (lipcert.models.certified): every weight at σ ≤ 1, GroupSort2 MLPs
 # without residual, one weakly-mixing attention head per layer, tokens concatenated into a
-# GroupSort2 MLP head of width 256, and Lipschitz-margin cross-entropy at ε = 1.
+# GroupSort2 MLP head of width 256, and Lipschitz-margin cross-entropy at ε = 1.1.
 _VIT_CERTIFIED = dict(
     _VIT_MNIST, family="certified", n_heads=1, optimizer="muon", lr=0.05, adam_lr=3e-3,
-    constraint="spectral_cap", w_max=1.0, w_norm="spectral", loss="lmt", margin_eps=1.0,
+    constraint="spectral_cap", w_max=1.0, w_norm="spectral", loss="lmt", margin_eps=1.1,
     temperature=4.0, token_radius=1.0, value_radius=8.0, logit_bound=0.02, attn_alpha=0.1,
     mlp_alpha=1.0, pooling="flatten", head_hidden=256,
 )
