@@ -4,8 +4,18 @@ Issue 3's speed bar: loading the ``.pt2``, building the graph, propagating bound
 computing every certified weight norm must take no longer than exact float64 SVD of every
 weight matrix on its own. The model: 12 pre-LN blocks (``nn.TransformerEncoder``), d 768,
 12 heads, MLP 3,072, vocabulary 50,257 (the unembedding), random weights, certified in
-embedding space on the logits at the last position. Both are measured in this one run; the
-per-layer norms are also compared with the exact spectral norms (bar: within 0.1%).
+embedding space on the logits at the last position. Both are measured in this one run,
+alternating, so they see the same machine load.
+
+The baseline is the faster of two configurations of ``torch.linalg.svdvals``: with torch's
+default thread count and on one thread (on a busy machine many-threaded LAPACK can be
+several times slower than one thread; the default-thread pass stops early once it is
+slower than the one-thread pass, since it can no longer be the faster one). lipcert runs as
+a user runs it, with the default thread count. Wall-clock seconds decide; CPU seconds
+(all threads of the process) are printed alongside.
+
+Accuracy bars: every weight matrix's certified norm (``lipcert.spectral.exact``) and every
+per-layer ``Linear`` bound of the certificate within 0.1% of the exact spectral norm.
 
     .venv/bin/python benchmarks/certify_gpt2_speed.py [--context 64] [--repeats 3]
 """
@@ -21,8 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lipcert import spectral
 from lipcert.certificate import certify
 from lipcert.loading import load_model
+from lipcert.threads import one_thread
 
 
 class GPT2Small(nn.Module):
@@ -40,12 +52,19 @@ class GPT2Small(nn.Module):
         return self.unembed(self.norm(self.blocks(x))[:, -1, :])
 
 
-def svd_baseline(model: nn.Module) -> float:
-    start = time.perf_counter()
-    for p in model.parameters():
-        if p.dim() == 2:
-            torch.linalg.svdvals(p.detach().double())
-    return time.perf_counter() - start
+def _matrices(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach() for p in model.parameters() if p.dim() == 2]
+
+
+def svd_pass(model: nn.Module, limit: float = float("inf")) -> tuple[float, float, bool]:
+    """(wall s, CPU s, finished) of float64 ``svdvals`` of every weight matrix; stops after
+    the first matrix that brings the wall time past ``limit``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for w in _matrices(model):
+        torch.linalg.svdvals(w.double())
+        if time.perf_counter() - wall > limit:
+            return time.perf_counter() - wall, time.process_time() - cpu, False
+    return time.perf_counter() - wall, time.process_time() - cpu, True
 
 
 def main() -> None:
@@ -58,29 +77,52 @@ def main() -> None:
     model = GPT2Small().eval()
     x = torch.randn(1, args.context, 768) * 0.5
     label = model(x).argmax(1)
+    baseline: list[float] = []
+    lipcert_times: list[float] = []
+    lines = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gpt2.pt2"
         program = torch.export.export(model, (x.expand(2, -1, -1).clone(),))
         torch.export.save(program, path)
-        baseline, lipcert_times = [], []
-        for _ in range(args.repeats):
-            baseline.append(svd_baseline(model))
-            start = time.perf_counter()
+        for rep in range(args.repeats):
+            with one_thread():
+                one_wall, one_cpu, _ = svd_pass(model)
+            many_wall, many_cpu, done = svd_pass(model, limit=one_wall)
+            baseline.append(min(one_wall, many_wall) if done else one_wall)
+            wall, cpu = time.perf_counter(), time.process_time()
             loaded = load_model(str(path))
             cert = certify(loaded.program, x, label,
                            domain=(-1e3, 1e3), mode="global", method=args.method)
-            lipcert_times.append(time.perf_counter() - start)
-        exact = {n.rsplit(".", 1)[0]: torch.linalg.matrix_norm(p.detach().double(), 2).item()
-                 for n, p in model.named_parameters() if p.dim() == 2}
-        worst = 0.0
-        for row in cert.layers:
-            if row.kind_of_layer == "Linear" and row.name in exact:
-                worst = max(worst, abs(row.upper / exact[row.name] - 1))
+            lipcert_times.append(time.perf_counter() - wall)
+            lines.append(
+                f"  run {rep + 1}: SVD 1 thread {one_wall:.2f} s (CPU {one_cpu:.2f}), "
+                f"{torch.get_num_threads()} threads "
+                + (f"{many_wall:.2f} s (CPU {many_cpu:.2f})" if done
+                   else f"> {many_wall:.2f} s (stopped)")
+                + f" | lipcert {lipcert_times[-1]:.2f} s (CPU {time.process_time() - cpu:.2f})"
+            )
+    exact = {n.rsplit(".", 1)[0]: torch.linalg.matrix_norm(p.detach().double(), 2).item()
+             for n, p in model.named_parameters() if p.dim() == 2}
+    worst_layer = 0.0
+    for row in cert.layers:
+        if row.kind_of_layer == "Linear" and row.name in exact:
+            worst_layer = max(worst_layer, abs(row.upper / exact[row.name] - 1))
+    worst_norm = 0.0
+    for n, p in model.named_parameters():
+        if p.dim() == 2:
+            bound = spectral.exact(p).value
+            true = exact[n.rsplit(".", 1)[0]]
+            assert bound >= true, (n, bound, true)
+            worst_norm = max(worst_norm, bound / true - 1)
     b, c = statistics.median(baseline), statistics.median(lipcert_times)
-    print(f"exact float64 SVD of every weight matrix: median {b:.2f} s {baseline}")
-    print(f"lipcert load + graph + propagation + norms: median {c:.2f} s {lipcert_times}")
+    print("\n".join(lines))
+    print(f"exact float64 SVD of every weight matrix (faster configuration): median {b:.2f} s")
+    print(f"lipcert load + graph + propagation + norms: median {c:.2f} s")
     print(f"ratio lipcert / SVD baseline: {c / b:.2f} (bar <= 1.0)")
-    print(f"largest relative gap of a per-layer Linear norm vs exact: {worst:.2e} (bar <= 1e-3)")
+    print(f"largest relative gap of a weight matrix's certified norm vs exact: {worst_norm:.2e}"
+          " (bar <= 1e-3; every one an upper bound)")
+    print(f"largest relative gap of a per-layer Linear bound vs exact: {worst_layer:.2e}"
+          " (bar <= 1e-3)")
     print(f"timing breakdown of the last run: {cert.timing_s}")
 
 

@@ -6,6 +6,7 @@ bounds; and the Lipschitz ViT's engine bound against its hand-derived bound."""
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import itertools
 import math
@@ -258,3 +259,27 @@ def test_select_is_pushed_before_rowwise_maps() -> None:
     assert bool((jn <= res.lip).all())
     rows = {r.name: r for r in prop.layer_table(prop.run((0.0, 1.0), sample_shape=(5, 4)))}
     assert rows["lin"].upper == pytest.approx(_sigma(model.lin.weight), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", [*MODELS, "vit-certified"])
+def test_layer_table_shortcut_equals_group_passes(name: str, monkeypatch) -> None:
+    """The layer table reuses the model pass for a group whose outside inputs all have
+    lip = lip_tok = 1; a full group pass must give the same numbers, bit for bit."""
+    propagate = importlib.import_module("lipcert.bounds.propagate")
+    if name == "vit-certified":
+        model, x, domain = _vit("certified", n_heads=1, head_hidden=8), torch.rand(3, 1, 8, 8), (
+            0.0, 1.0)
+    else:
+        model, x, domain = _make(name)
+    prop = Propagator(as_program(model, x[:2]))
+    glob = prop.run(domain, sample_shape=tuple(x.shape[1:]))
+    fast = [(r.name, r.upper) for r in prop.layer_table(glob)]
+    used = []
+    real = propagate._model_pass_is_group_pass
+    monkeypatch.setattr(propagate, "_model_pass_is_group_pass",
+                        lambda *a: used.append(real(*a)) or False)
+    slow = [(r.name, r.upper) for r in prop.layer_table(glob)]
+    assert fast == slow
+    # the shortcut applies where a group reads the model input directly (the ViTs embed
+    # patches first, so no group of theirs qualifies)
+    assert any(used) == (not name.startswith("vit"))

@@ -46,7 +46,8 @@ from lipcert.bounds.state import (
     interval_norms,
     norms_from_sq,
     per_elem,
-    rows_per_sample,
+    row_counts,
+    row_sid,
     value_norms,
 )
 from lipcert.errors import LipcertError
@@ -177,6 +178,7 @@ def finalize(ctx: Ctx, b: Bound, exact: bool = False) -> Bound:
     tok = _clean(b.tok_norm, math.inf).expand(n)
     lo, hi = b.lo, b.hi
     value = None if b.value is None else b.value.to(F64)
+    rows_of = None if b.sid is None else row_sid(b.sid.expand(lo.shape))
     if not (exact or ctx.lip_only):
         lo, hi = lo.to(F64), hi.to(F64)
         mag = torch.maximum(lo.abs(), hi.abs())
@@ -198,20 +200,19 @@ def finalize(ctx: Ctx, b: Bound, exact: bool = False) -> Bound:
         else:
             mag2 = (mag + pad).square()  # = max(lo², hi²) of the widened interval
         if mag2 is None:
-            in_n, in_t = interval_norms(lo, hi, b.sid, n)
+            in_n, in_t = interval_norms(lo, hi, b.sid, n, rows_of)
         else:
-            in_n, in_t = norms_from_sq(mag2, b.sid, n)
+            in_n, in_t = norms_from_sq(mag2, b.sid, n, rows_of)
         norm = torch.minimum(norm, in_n)
         tok = torch.minimum(tok, in_t)
     if value is not None and ctx.local:
         assert ctx.radius is not None
-        vn, vt = value_norms(value, b.sid, n)
+        vn, vt = value_norms(value, b.sid, n, rows_of)
         norm = torch.minimum(norm, vn + lip * ctx.radius)
         tok = torch.minimum(tok, vt + lip_tok * ctx.radius)
-    rows = rows_per_sample(lo.shape, b.sid, n).sqrt()
-    lip = torch.minimum(lip, lip_tok * rows)
-    all_rows = rows_per_sample(lo.shape, b.sid, n, with_constant_rows=True).sqrt()
-    norm = torch.minimum(norm, tok * all_rows)
+    own, constant = row_counts(lo.shape, b.sid, n, rows_of)
+    lip = torch.minimum(lip, lip_tok * own.sqrt())
+    norm = torch.minimum(norm, tok * (own + constant).sqrt())
     tok = torch.minimum(tok, norm)
     tok_l1 = b.tok_l1
     last = lo.shape[-1] if lo.dim() else 1
@@ -562,7 +563,7 @@ class Propagator:
         """Each top-level block (depth 1 and 2 below the model) and each module that owns
         weights: the Lipschitz bound of that module alone, propagated with lip = 1 at its
         inputs and the model's own activation bounds (from ``prop``)."""
-        stacks: dict[str, list[tuple[str, str]]] = {}
+        members_of: dict[str, list[Any]] = {}  # module path -> its nodes, in graph order
         order: dict[str, str] = {}
         param_owner = {
             t.rsplit(".", 1)[0] if "." in t else "" for t in self.param_names.values()
@@ -572,7 +573,8 @@ class Propagator:
                 continue
             stack = node.meta.get("nn_module_stack") or {}
             entries = [v for v in stack.values() if isinstance(v, tuple) and len(v) == 2]
-            stacks[node.name] = entries
+            for p in dict.fromkeys(p for p, _ in entries):
+                members_of.setdefault(p, []).append(node)
             for depth, (path, cls) in enumerate(entries):
                 if not path:
                     continue
@@ -582,9 +584,7 @@ class Propagator:
         sd = self.program.state_dict
         rows = []
         for path, cname in order.items():
-            members = [n for n in self.graph.nodes
-                       if n.op == "call_function" and any(p == path for p, _ in stacks[n.name])]
-            upper = self._group_bound(prop, members)
+            upper = self._group_bound(prop, members_of[path])
             params = sum(
                 int(sd[t].numel()) for t in self.param_names.values()
                 if t.startswith(path + ".") and t in sd
@@ -605,6 +605,8 @@ class Propagator:
             weight = prop.env.get(w.name) if isinstance(w, torch.fx.Node) else None
             if isinstance(weight, Const):
                 return ctx.opnorm(weight)
+        if _model_pass_is_group_pass(prop, members, names):
+            return _external_lip(members, names, prop.env)
         sub: dict[str, Any] = {}
         one = torch.ones(ctx.n, dtype=F64)
 
@@ -621,21 +623,54 @@ class Propagator:
                 sub[a.name] = v
             return v
 
-        best = 0.0
         for node in members:
             args = tree_map(get, node.args)
             kwargs = tree_map(get, dict(node.kwargs))
             ctx.node = node
             out = apply_op(ctx, node.target, args, kwargs)
-            stored = prop.env[node.name]
-            out = _restore(out, stored)
-            sub[node.name] = out
-            external = any(u.name not in names for u in node.users) or not node.users
-            if external:
-                for b in tree_flatten(out)[0]:
-                    if isinstance(b, Bound):
-                        best = max(best, float(b.lip.max()))
-        return best
+            sub[node.name] = _restore(out, prop.env[node.name])
+        return _external_lip(members, names, sub)
+
+
+def _external_lip(members: list[Any], names: set[str], env: dict[str, Any]) -> float:
+    """The largest ``lip`` among the group's outputs (members used outside it, or not at
+    all), read from ``env``."""
+    best = 0.0
+    for node in members:
+        if any(u.name not in names for u in node.users) or not node.users:
+            for b in tree_flatten(env[node.name])[0]:
+                if isinstance(b, Bound):
+                    best = max(best, float(b.lip.max()))
+    return best
+
+
+def _model_pass_is_group_pass(prop: Propagation, members: list[Any], names: set[str]) -> bool:
+    """Whether a group pass would only repeat the model pass: a global model pass (no
+    centre values, no radius; the group pass has neither) in which every Bound that enters
+    the group from outside has lip = lip_tok = 1 (the model input, typically), and every
+    member has lip_tok ≤ lip (so :func:`_restore` changes nothing).
+
+    Then, member by member in graph order, the group pass hands each rule exactly the model
+    pass's inputs: the outside ones get lip = lip_tok = 1, which they already have, and the
+    inside ones are the stored bounds with the group's Lipschitz bounds, which by induction
+    are the stored ones. Rules compute Lipschitz bounds from their inputs alone (``ibp``
+    and ``lip_only``, the only other settings that differ, change intervals and norms,
+    never ``lip``), so the group's bounds are the model pass's, bit for bit.
+    """
+    if prop.ctx.local:
+        return False
+    for node in members:
+        for a in node.all_input_nodes:
+            if a.name in names:
+                continue
+            for b in tree_flatten(prop.env[a.name])[0]:
+                if isinstance(b, Bound) and not (bool((b.lip == 1).all())
+                                                 and bool((b.lip_tok == 1).all())):
+                    return False
+        for b in tree_flatten(prop.env[node.name])[0]:
+            if isinstance(b, Bound) and not bool((b.lip_tok <= b.lip).all()):
+                return False
+    return True
 
 
 def _restore(out: Any, stored: Any) -> Any:

@@ -279,14 +279,36 @@ def unify_sid(shape: torch.Size, *sids: Tensor | None) -> Tensor | None:
     return out
 
 
+def compact(t: Tensor) -> Tensor:
+    """The distinct part of an expanded tensor: every dimension of stride 0 (and size > 1)
+    cut to size 1, so ``compact(t).expand(t.shape)`` equals ``t`` (a view, no copy)."""
+    if all(st or sz <= 1 for st, sz in zip(t.stride(), t.shape, strict=True)):
+        return t
+    idx = tuple(
+        slice(0, 1) if st == 0 and sz > 1 else slice(None)
+        for st, sz in zip(t.stride(), t.shape, strict=True)
+    )
+    return t[idx]
+
+
 def row_sid(sid: Tensor) -> tuple[Tensor, bool]:
-    """Per-row (last dimension) sample id and whether every row holds one sample only."""
+    """Per-row (last dimension) sample id and whether every row holds one sample only.
+
+    The rows are read off the distinct part of ``sid`` (:func:`compact`; rows of an expanded
+    id tensor repeat), and a row of one repeated id needs no reduction at all."""
     s = sid.reshape(1) if sid.dim() == 0 else sid
     if s.shape[-1] == 0:
         return torch.full(s.shape[:-1], -1, dtype=torch.int64), True
-    hi = s.amax(-1)
-    lo = torch.where(s < 0, _BIG, s).amin(-1)
-    return hi, bool(((lo == _BIG) | (lo == hi)).all())
+    base = compact(s)
+    if base.shape[-1] == 1:
+        return base[..., 0].expand(s.shape[:-1]), True
+    lo, hi = torch.aminmax(base, dim=-1)
+    if bool((lo >= 0).all()):  # no element outside a sample: the plain minimum decides
+        pure = bool((lo == hi).all())
+    else:
+        lo = torch.where(base < 0, _BIG, base).amin(-1)
+        pure = bool(((lo == _BIG) | (lo == hi)).all())
+    return hi.expand(s.shape[:-1]), pure
 
 
 # --------------------------------------------------------------------------- per-sample sums
@@ -327,44 +349,67 @@ def per_elem(v: Tensor, sid: Tensor | None, shape: torch.Size) -> Tensor:
 
 
 def rows_per_sample(
-    shape: torch.Size, sid: Tensor | None, n: int, with_constant_rows: bool = False
+    shape: torch.Size,
+    sid: Tensor | None,
+    n: int,
+    with_constant_rows: bool = False,
+    rows: tuple[Tensor, bool] | None = None,
 ) -> Tensor:
     """Number of rows (vectors along the last dimension) that hold elements of each sample;
     with ``with_constant_rows`` also the rows of no sample (constants, which have no
-    perturbation but do have a norm)."""
+    perturbation but do have a norm). ``rows``: ``row_sid(sid.expand(shape))`` if known."""
+    own, constant = row_counts(shape, sid, n, rows)
+    return own + constant if with_constant_rows else own
+
+
+def row_counts(
+    shape: torch.Size, sid: Tensor | None, n: int, rows: tuple[Tensor, bool] | None = None
+) -> tuple[Tensor, float]:
+    """(rows holding elements of each sample, rows of no sample) of a node (see
+    :func:`rows_per_sample`; when a row mixes samples, every row counts for each sample)."""
     last = shape[-1] if len(shape) else 1
     total = math.prod(shape) // max(last, 1) if last else math.prod(shape[:-1])
     if sid is None:
-        return torch.full((n,), float(total), dtype=F64)
-    rs, pure = row_sid(sid.expand(shape))
+        return torch.full((n,), float(total), dtype=F64), 0.0
+    rs, pure = rows if rows is not None else row_sid(sid.expand(shape))
     if not pure:
-        return torch.full((n,), float(total), dtype=F64)
-    rs = rs.reshape(-1)
-    own = torch.bincount(rs[rs >= 0], minlength=n)[:n].to(F64)
-    return own + float((rs < 0).sum()) if with_constant_rows else own
+        return torch.full((n,), float(total), dtype=F64), 0.0
+    base = compact(rs)
+    copies = rs.numel() // max(base.numel(), 1)
+    flat = base.reshape(-1)
+    own = torch.bincount(flat[flat >= 0], minlength=n)[:n].to(F64) * copies
+    return own, float((flat < 0).sum()) * copies
 
 
-def norms_from_sq(sq: Tensor, sid: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
+def norms_from_sq(
+    sq: Tensor, sid: Tensor | None, n: int, rows: tuple[Tensor, bool] | None = None
+) -> tuple[Tensor, Tensor]:
+    """(norm, tok_norm) per sample from the squares of the elements (rounded up);
+    ``rows``: ``row_sid(sid.expand(sq.shape))`` if known."""
     slack = 1.0 + gamma(sq.numel())
     norm = (sample_sum(sq, sid, n) * slack).sqrt()
-    rows = sq.reshape(1, 1) if sq.dim() == 0 else sq
-    row_sq = rows.sum(-1) * slack
+    rows_sq = sq.reshape(1, 1) if sq.dim() == 0 else sq
+    row_sq = rows_sq.sum(-1) * slack
     if sid is None:
         tok = sample_max(row_sq, None, n).sqrt()
     else:
-        rs, pure = row_sid(sid.expand(sq.shape))
+        rs, pure = rows if rows is not None else row_sid(sid.expand(sq.shape))
         tok = sample_max(row_sq, rs, n).sqrt() if pure else norm
     return norm, tok
 
 
-def interval_norms(lo: Tensor, hi: Tensor, sid: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
+def interval_norms(
+    lo: Tensor, hi: Tensor, sid: Tensor | None, n: int, rows: tuple[Tensor, bool] | None = None
+) -> tuple[Tensor, Tensor]:
     """(norm, tok_norm) bounds implied by elementwise bounds: |y_e| ≤ max(|lo_e|, |hi_e|)."""
-    return norms_from_sq(torch.maximum(lo.square(), hi.square()), sid, n)
+    return norms_from_sq(torch.maximum(lo.square(), hi.square()), sid, n, rows)
 
 
-def value_norms(value: Tensor, sid: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
+def value_norms(
+    value: Tensor, sid: Tensor | None, n: int, rows: tuple[Tensor, bool] | None = None
+) -> tuple[Tensor, Tensor]:
     """(norm, tok_norm) of the centre value itself (rounded up)."""
-    return norms_from_sq(value.square(), sid, n)
+    return norms_from_sq(value.square(), sid, n, rows)
 
 
 def max_abs(b: Bound) -> Tensor:

@@ -45,12 +45,29 @@ def mid_rad(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return c, r
 
 
+_ROW_CHUNK = 2**22  # float64 elements converted at a time for row norms (32 MiB)
+
+
 def _row_norms(ctx: Ctx, w: Const) -> Tensor:
-    """‖W_e‖₂ of every row of a weight matrix, rounded up (cached)."""
+    """‖W_e‖₂ of every row of a weight matrix, rounded up (cached).
+
+    A contiguous W is converted to float64 in row chunks through one buffer rather than as a
+    whole (a GPT-2 unembedding would need 300 MB of fresh memory); each row is reduced by the
+    same kernel either way, so the values are the same."""
 
     def make() -> Tensor:
-        t = w.t.detach().to(F64)
-        return torch.linalg.vector_norm(t, dim=-1) * (1 + gamma(t.shape[-1]))
+        t = w.t.detach()
+        k = t.shape[-1]
+        if not t.is_contiguous():
+            return torch.linalg.vector_norm(t.to(F64), dim=-1) * (1 + gamma(k))
+        out = torch.empty(t.shape[0], dtype=F64)
+        rows = max(1, _ROW_CHUNK // max(k, 1))
+        buf = torch.empty(min(rows, t.shape[0]) * k, dtype=F64)
+        for r in range(0, t.shape[0], rows):
+            src = t[r : r + rows]
+            chunk = buf[: src.numel()].view(src.shape).copy_(src)
+            torch.linalg.vector_norm(chunk, dim=-1, out=out[r : r + rows])
+        return out * (1 + gamma(k))
 
     return ctx.cached(ctx.norm_cache, (w.name, "rownorms"), make)
 
@@ -63,13 +80,14 @@ def _wabs(ctx: Ctx, w: Const) -> Tensor:
     return ctx.cached(ctx.norm_cache, (w.name, "abs64"), lambda: _w64(ctx, w).abs())
 
 
-def _rows_sid(x: Bound, what: str) -> Tensor | None:
+def _rows_sid(x: Bound, what: str) -> tuple[Tensor, bool] | None:
+    """``row_sid`` of the input (None without sample ids); raises if a row mixes samples."""
     if x.sid is None:
         return None
-    rs, pure = row_sid(x.sid)
-    if not pure:
+    rows = row_sid(x.sid.expand(x.shape))
+    if not rows[1]:
         raise BatchMixingError(f"{what} mixes samples: its input's last dimension is the batch")
-    return rs
+    return rows
 
 
 def _box_helps(x: Bound) -> bool:
@@ -90,23 +108,22 @@ def right_linear(ctx: Ctx, x: Bound, w: Const, bias: Const | None, what: str) ->
     ‖Δx_row‖ ≤ lip_tok·r), which keeps the token-norm structure that boxes lose.
     """
     s = ctx.opnorm(w)
-    W = _w64(ctx, w)
+    n_out, k = w.t.shape
     b = None if bias is None else bias.t.detach().to(F64)
-    out_shape = (*x.shape[:-1], W.shape[0])
-    rs = _rows_sid(x, what)
-    sid = None if rs is None else rs.unsqueeze(-1).expand(out_shape)
+    out_shape = (*x.shape[:-1], n_out)
+    x_rows = _rows_sid(x, what)
+    sid = None if x_rows is None else x_rows[0].unsqueeze(-1).expand(out_shape)
     b_norm = 0.0 if b is None else float(torch.linalg.vector_norm(b)) * (1 + gamma(b.numel()))
-    rows = rows_per_sample(x.shape, x.sid, ctx.n, with_constant_rows=True)
-    k = W.shape[1]
+    rows = rows_per_sample(x.shape, x.sid, ctx.n, with_constant_rows=True, rows=x_rows)
     rn = _row_norms(ctx, w)
     b0 = torch.zeros((), dtype=F64) if b is None else b
     tok_in = per_elem(x.tok_norm, sid, torch.Size(out_shape)) if sid is not None else x.tok_norm[0]
     lo = b0 - rn * tok_in
     hi = b0 + rn * tok_in
-    flops = 2.0 * x.lo.numel() * W.shape[0]
+    flops = 2.0 * x.lo.numel() * n_out
     if ctx.use_ibp(3 * flops, x.lo, x.hi) and _box_helps(x):
         c, r = mid_rad(x.lo, x.hi)
-        Wa = _wabs(ctx, w)
+        W, Wa = _w64(ctx, w), _wabs(ctx, w)
         with big_work(flops):
             yc = c @ W.T + b0
             yr = r @ Wa.T
@@ -116,7 +133,7 @@ def right_linear(ctx: Ctx, x: Bound, w: Const, bias: Const | None, what: str) ->
     value = None
     if ctx.local and x.value is not None:
         with big_work(flops):
-            value = x.value @ W.T + b0
+            value = x.value @ _w64(ctx, w).T + b0
             err = gamma(k + 1) * (x.value.abs() @ _wabs(ctx, w).T + b0.abs()) + 1e-300
         assert ctx.radius is not None
         d = per_elem(x.lip_tok * ctx.radius, sid, torch.Size(out_shape)) * rn + err

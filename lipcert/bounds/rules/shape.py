@@ -159,6 +159,30 @@ def _operands(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any],
     return flat, spec, idx
 
 
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+          torch.memory_format)
+
+
+def _stats_key(ctx: Ctx, op: Any, flat: list[Any], spec: Any, idx: list[int]) -> tuple[Any, ...]:
+    """Cache key of a gather's element statistics. They depend only on the op, its
+    non-tensor arguments and the input shapes (which :func:`gather_core` appends), so an ATen
+    op whose other arguments are plain values is keyed by exactly those (the twelve blocks of
+    a GPT-2 share one analysis); anything else (tensor indices, Python callables) by its
+    graph node. Values are keyed with their type, so ``1``, ``1.0`` and ``True`` differ."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return ctx.key("gather")
+    operands = set(idx)
+    leaves = []
+    for i, leaf in enumerate(flat):
+        if i in operands:
+            leaves.append(None)
+        elif type(leaf) in _PLAIN:
+            leaves.append((type(leaf), leaf))
+        else:
+            return ctx.key("gather")
+    return ("gather", op, spec, tuple(leaves))
+
+
 def _mark_exact(ctx: Ctx, inputs: list[Bound], out: Any) -> None:
     """Tell finalisation that no element was dropped: intervals and norms moved exactly."""
     n_in = sum(b.lo.numel() for b in inputs)
@@ -196,7 +220,7 @@ def gather(
         ctx,
         caller(op),
         inputs,
-        ctx.key("gather"),
+        ctx.key("gather") if ids_op is not None else _stats_key(ctx, op, flat, spec, idx),
         ids_fn=caller(ids_op) if ids_op is not None else None,
         const_fill=const_fill,
     )
