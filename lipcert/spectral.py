@@ -9,8 +9,8 @@ it. The kinds are never mixed (see DESIGN.md, "Three kinds of numbers"):
 
 Public API
 ----------
-``exact(weight)``                 σ_max from the float64 Gram matrix: a Lanczos estimate of its
-                                  top eigenvalue, verified by a Cholesky factorisation.
+``exact(weight)``                 σ_max from the float64 Gram matrix: an estimate of its top
+                                  eigenvalue, verified by a Cholesky factorisation.
 ``gram(weight, tol, max_steps)``  Gram iteration (Delattre et al., ICML 2023), rounded up.
 ``power(weight, steps, seed)``    power iteration: an ``estimate``, never an upper bound.
 ``conv2d(weight, input_hw, ...)`` operator norm of a 2-D convolution on an H×W input: exact
@@ -39,8 +39,8 @@ Stability of Numerical Algorithms*, 2nd ed., §3.1). The ingredients:
    For complex matrices (the DFT of a kernel) we use 4·γ_{k+4}, which also covers the 3M
    complex product, and ‖A‖_F² is summed directly: ŝ = fl(Σ a²) ≥ (1 − γ_N)·‖A‖_F² with N
    terms, so ‖A‖_F² ≤ ŝ / (1 − γ_N).
-3. **Verified top eigenvalue** (``exact``). A Lanczos iteration on Ĝ (full
-   reorthogonalisation, seeded start) gives an estimate θ of λ_max(Ĝ); it carries no
+3. **Verified top eigenvalue** (``exact``). ``eigvalsh`` (n ≤ 256) or a Lanczos iteration
+   (full reorthogonalisation, seeded start) gives an estimate θ of λ_max(Ĝ); it carries no
    guarantee and is only used to pick a shift μ = θ·(1 + 10⁻⁸·4ʲ), j = 0, 1, … (growing until
    the test below succeeds). Let B̂ = fl(μI − Ĝ): off the diagonal it is exact, on it
    b̂_ii = (μ − ĝ_ii)(1 + δ_i), so B̂ = μI − Ĝ + D with |d_ii| ≤ u/(1 − u)·|b̂_ii| =: ε_D.
@@ -114,6 +114,7 @@ _SHIFT_GROWTH = 4.0  # the shift's relative part grows by this factor after a fa
 _SHIFT_TRIES = 40  # 1e-8·4³⁹ > 1e15: past any Lanczos estimate ≥ max_i g_ii ≥ λ_max/n
 _LANCZOS_STEPS = 160  # most Lanczos steps (exact, up to rounding, for n ≤ 160)
 _LANCZOS_CHECK = 8  # steps between convergence checks
+_EIGH_MAX_N = 256  # Gram size up to which eigvalsh gives the shift's estimate
 
 
 @dataclass(frozen=True)
@@ -336,11 +337,21 @@ def _lanczos_top(gram_matrix: Tensor) -> float:
     return theta
 
 
+def _top_estimate(gram_matrix: Tensor) -> float:
+    """θ ≈ λ_max(Ĝ), only to steer the Cholesky shift: the largest eigenvalue from
+    ``eigvalsh`` for Gram matrices up to ``_EIGH_MAX_N`` (faster there than Lanczos' Python
+    loop), a Lanczos estimate above that."""
+    if gram_matrix.shape[0] <= _EIGH_MAX_N:
+        with one_thread(gram_matrix.device):
+            return float(torch.linalg.eigvalsh(gram_matrix)[-1])
+    return _lanczos_top(gram_matrix)
+
+
 def _verified_lambda_max(gram_matrix: Tensor, theta: float) -> float:
     """A rigorous upper bound on λ_max(Ĝ) for the symmetric float64 matrix Ĝ, from
     Cholesky factorisations of fl(μI − Ĝ) with μ = θ·(1 + 1e-8·4ʲ), j = 0, 1, …: the first
     that runs to completion proves λ_max(Ĝ) ≤ μ + γ_{n+1}·‖R̂‖_F² + ε_D (module docstring,
-    item 3). ``theta`` (a Lanczos estimate) only steers μ; it is raised to max_i ĝ_ii, a
+    item 3). ``theta`` (an estimate) only steers μ; it is raised to max_i ĝ_ii, a
     lower bound on λ_max, so every μ is positive.
     """
     G = gram_matrix
@@ -401,8 +412,9 @@ def exact(weight: Tensor) -> Norm:
 
     Method (module docstring, items 1–3 and 5): scale W exactly by a power of two so that
     max|w| ∈ [1/2, 1); form the upper triangle of Ĝ = fl(WᵀW) (or WWᵀ, whichever is smaller,
-    n×n) in float64 and mirror it; estimate θ ≈ λ_max(Ĝ) by Lanczos; find the first shift
-    μ = θ·(1 + 1e-8·4ʲ) for which the Cholesky factorisation of fl(μI − Ĝ) succeeds; return
+    n×n) in float64 and mirror it; estimate θ ≈ λ_max(Ĝ) (eigvalsh up to n = 256, Lanczos
+    above); find the first shift μ = θ·(1 + 1e-8·4ʲ) for which the Cholesky factorisation
+    of fl(μI − Ĝ) succeeds; return
 
         σ ≤ sqrt(μ + γ_{n+1}·‖R̂‖_F² + ε_D + ε_G + 3·2⁻⁹⁰⁰) · (1 + 1e-10) + 2⁻⁹⁰⁰     (× 2ˢ)
 
@@ -417,7 +429,7 @@ def exact(weight: Tensor) -> Norm:
         return Norm(0.0, "upper", "exact-gram-cholesky")
     G, fro2_up, k, _ = _gram_and_fro(t, shift)
     eps_g = _gamma(k) * fro2_up + _ABS
-    lam_up = _verified_lambda_max(G, _lanczos_top(G)) + eps_g
+    lam_up = _verified_lambda_max(G, _top_estimate(G)) + eps_g
     sigma = math.sqrt(lam_up + _ABS)
     return Norm(_finalize(sigma, shift), "upper", "exact-gram-cholesky")
 
