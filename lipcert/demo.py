@@ -1,9 +1,9 @@
 """``lipcert demo``: the whole pipeline on the embedded MNIST data.
 
 Train ``vit-mnist-lipschitz``, ``vit-mnist-standard`` and ``vit-mnist-certified`` (finished
-runs in OUT_DIR are reused), certify each in global and local mode, attack each with FGSM, PGD and PGD-L2 with
-the certificate audit on, and build the report. Every stage runs the same code as its own
-``lipcert`` subcommand; one progress display covers them all.
+runs in OUT_DIR are reused), certify each in global and local mode, attack each with FGSM,
+PGD and PGD-L2 with the certificate audit on, and build the report. Every stage runs the
+same code as its own ``lipcert`` subcommand; one progress display covers them all.
 """
 
 from __future__ import annotations

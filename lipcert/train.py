@@ -107,18 +107,16 @@ def _loss_and_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 def _training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
     """The configured loss (``lipcert.losses``) and the batch's correct count. ``lmt`` uses
-    the model's own bound: differentiable for the certified family, the paper formula's
-    value for the Lipschitz family."""
+    the certified family's composed bound, differentiable in the weights and never below
+    the bound ``lipcert certify`` proves (the paper formula of the Lipschitz family can be
+    below it, so it is not offered)."""
     logits = model(x)
     bound: torch.Tensor | float = 1.0
     if needs_bound(config.loss):
-        if config.family == "certified":
-            bound = certified_lipschitz_bound(model)
-        elif config.family == "lipschitz":
-            bound = paper_lipschitz_bound(model)
-        else:
-            raise LipcertError("--loss lmt needs a lipschitz or certified family, whose "
-                               "Lipschitz bound is known during training")
+        if config.family != "certified":
+            raise LipcertError("--loss lmt needs the certified family, whose Lipschitz bound "
+                               "is known (and differentiable) during training")
+        bound = certified_lipschitz_bound(model)
     loss = training_loss(config.loss, logits, y, lipschitz=bound, eps=config.margin_eps,
                          temperature=config.temperature, alpha=config.hkr_alpha,
                          min_margin=config.min_margin)

@@ -135,7 +135,7 @@ def test_tiny_certified_training_keeps_every_weight_within_one() -> None:
 
 def test_lmt_needs_a_known_bound() -> None:
     config = preset("vit-mnist-standard-tiny", loss="lmt", margin_eps=0.5, steps=2)
-    with pytest.raises(LipcertError, match="lmt needs"):
+    with pytest.raises(LipcertError, match="lmt needs the certified family"):
         train(config, progress=False)
 
 
