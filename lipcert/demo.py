@@ -29,8 +29,8 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         help="the whole pipeline on MNIST: train, certify, attack, report",
         description="The whole pipeline on the embedded MNIST data. Trains three ViTs (the "
         "paper's Lipschitz family, a standard pre-LN ViT and the certified family), certifies "
-        "and attacks them, and writes OUT_DIR/report/report.html (about 20 minutes on 2 CPU "
-        "cores).",
+        "and attacks them, and writes OUT_DIR/report/report.html (about 6 minutes on 2 quiet "
+        "CPU cores).",
     )
     p.add_argument("-o", "--out", type=Path, default=Path("runs/demo"), metavar="OUT_DIR",
                    help="where runs and the report go (default runs/demo)")
