@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from lipcert.models.config import ModelConfig
 from lipcert.models.ops import group_sort2, token_ball
+from lipcert.models.vit import patchify
 
 
 def attention_gain(logit_bound: float, token_radius: float, value_radius: float,
@@ -148,15 +149,8 @@ class CertifiedViT(nn.Module):
         pooled = c.d_model * (self.n_patches if c.pooling == "flatten" else 1)
         self.head = CertifiedHead(pooled, c.head_hidden, c.num_classes)
 
-    def patchify(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) → (B, N, C·p·p), patches in row-major order."""
-        B, C, H, W = images.shape
-        p = self.config.patch_size
-        x = images.reshape(B, C, H // p, p, W // p, p)
-        return x.permute(0, 2, 4, 1, 3, 5).reshape(B, self.n_patches, C * p * p)
-
     def forward(self, images: Tensor) -> Tensor:
-        x = self.patch_embed(self.patchify(images)) + self.pos_embed
+        x = self.patch_embed(patchify(images, self.config.patch_size)) + self.pos_embed
         for block in self.blocks:
             x = block(x)
         pooled = x.flatten(1) if self.config.pooling == "flatten" else x.mean(dim=1)

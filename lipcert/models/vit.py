@@ -13,6 +13,14 @@ from lipcert.models.config import ModelConfig
 from lipcert.models.ops import token_ball
 
 
+def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, N, C·p·p), non-overlapping p×p patches in row-major order (a
+    permutation of the pixels)."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+
+
 class ViT(nn.Module):
     """Images (B, C, H, W) in [0, 1] → logits (B, num_classes).
 
@@ -38,15 +46,9 @@ class ViT(nn.Module):
         if c.zero_init_out:
             zero_init_outputs(self.blocks)
 
-    def patchify(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) → (B, N, C·p·p), patches in row-major order."""
-        B, C, H, W = images.shape
-        p = self.config.patch_size
-        x = images.reshape(B, C, H // p, p, W // p, p)
-        return x.permute(0, 2, 4, 1, 3, 5).reshape(B, self.n_patches, C * p * p)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(self.patchify(images)) + self.pos_embed
+        x = self.patch_embed(patchify(images, self.config.patch_size)) + self.pos_embed
         if self.config.family == "lipschitz":
             x = token_ball(x, math.sqrt(self.config.d_model))
         for block in self.blocks:
