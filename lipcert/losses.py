@@ -8,10 +8,11 @@ make that margin large:
 * ``lmt``: Lipschitz-margin training (Tsuzuku, Sato, Sugiyama, NeurIPS 2018): cross-entropy
   of τ·(z + √2·L·ε·(1 − onehot(y))). It adds √2·L·ε to every non-target logit, so its
   minimiser certifies radius ε wherever it classifies correctly;
-* ``hkr``: the multiclass hinge + Kantorovich–Rubinstein loss of deel-lip/deel-torchlip
-  (Serrurier et al., CVPR 2021): α·hinge − (1 − α)·KR with
-  hinge = mean_j relu(m/2 − s_j·z_j) (s_j = +1 for the label, weighted by C − 1, and −1
-  otherwise; m the ``min_margin``) and KR = mean over the batch of z_y − mean_{j≠y} z_j.
+* ``hkr``: the multiclass hinge + Kantorovich–Rubinstein loss (Serrurier et al., CVPR 2021):
+  α·hinge − (1 − α)·KR with hinge = mean_j relu(m/2 − s_j·z_j) (s_j = +1 for the label,
+  weighted by C − 1, and −1 otherwise; m the ``min_margin``), deel-torchlip's hinge term,
+  and KR = mean over the batch of z_y − mean_{j≠y} z_j, a per-sample form of its KR term
+  (deel-torchlip weights each class by its frequency in the batch instead).
   It needs no L: the network is meant to be 1-Lipschitz by construction.
 """
 

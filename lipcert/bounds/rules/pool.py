@@ -87,18 +87,17 @@ def max_pool(
         c *= window_multiplicity(
             x.shape[-nd + i], k[i], s[i], p[i], d[i], lo.shape[-nd + i]
         )
-    f = math.sqrt(c)
-    out = Bound(
-        lo,
-        hi,
-        f * x.lip,
-        f * x.lip,
-        f * x.norm,
-        ctx.full(math.inf),
-        sid=_plane_sid(x, lo.shape, nd, "max pooling"),
-    )
-    ctx.notes["factor"] = f
+    out = _pooled(ctx, x, lo, hi, math.sqrt(c), nd, "max pooling")
     return (out, Opaque("max pooling indices")) if with_idx else out
+
+
+def _pooled(ctx: Ctx, x: Bound, lo: Tensor, hi: Tensor, factor: float, nd: int, what: str
+            ) -> Bound:
+    """The bound of a pooling whose Lipschitz factor (whole tensor) is ``factor``: lip, lip_tok
+    and norm scale by it (lip_tok by the whole-tensor value, since pooling mixes rows)."""
+    ctx.notes["factor"] = factor
+    return Bound(lo, hi, factor * x.lip, factor * x.lip, factor * x.norm, ctx.full(math.inf),
+                 sid=_plane_sid(x, lo.shape, nd, what))
 
 
 def _avg_norm(target: Any, args: tuple[Any, ...], spatial: tuple[int, ...]) -> float:
@@ -136,13 +135,4 @@ def avg_pool(ctx: Ctx, x: Bound, *args: Any) -> Bound:
     slack = gamma(max(1, math.prod(spatial))) * target(mag, *args) + 1e-300
     lo = target(x.lo, *args) - slack
     hi = target(x.hi, *args) + slack
-    ctx.notes["factor"] = f
-    return Bound(
-        lo,
-        hi,
-        f * x.lip,
-        f * x.lip,
-        f * x.norm,
-        ctx.full(math.inf),
-        sid=_plane_sid(x, lo.shape, nd, "average pooling"),
-    )
+    return _pooled(ctx, x, lo, hi, f, nd, "average pooling")
