@@ -77,6 +77,7 @@ __all__ = [
     "HARD_CAP_COEFFICIENTS",
     "SOFT_CAP_K_MAX",
     "WeightConstraint",
+    "cached_top_vector",
     "exact_sigma_max",
     "get_method",
     "hard_cap",
@@ -228,9 +229,33 @@ def spectral_cap(weight: torch.Tensor, limit: float, **_: Any) -> None:
     _check_matrix(weight)
     safe = _rounding_safe(limit, weight.dtype)
     x = weight.detach().to(torch.float64) / safe
-    new = _cap_unit64(x)
+    new, top = _cap_unit64(x)
     if new is not None:
         weight.copy_((new * safe).to(weight.dtype))
+    if top is not None:
+        _remember_top_vector(weight, top)
+
+
+def _remember_top_vector(weight: torch.Tensor, top: torch.Tensor) -> None:
+    """Record ``top`` for :func:`cached_top_vector`, stamped with ``weight``'s version."""
+    weight._lipcert_top_vector = (weight._version, top)  # type: ignore[attr-defined]
+
+
+def cached_top_vector(weight: torch.Tensor) -> torch.Tensor | None:
+    """The unit top eigenvector (float64) of ``weight``'s smaller Gram matrix (``WᵀW`` for a
+    tall weight: its top right singular vector; ``WWᵀ`` for a wide one: its top left
+    singular vector), as :func:`spectral_cap` last computed it, or ``None`` if ``weight``
+    has been modified in place since (its version counter moved) or was never capped.
+
+    Clipping singular values at the limit keeps the singular vectors, so the vector of the
+    eigendecomposition that capped ``W`` is a top singular vector of the capped ``W`` too:
+    ``‖W v‖`` (tall) or ``‖vᵀ W‖`` (wide) is then its exact σ_max, without another
+    eigendecomposition (the certified family's training bound reads it every step).
+    """
+    cached = getattr(weight, "_lipcert_top_vector", None)
+    if cached is None or cached[0] != weight._version:
+        return None
+    return cached[1]
 
 
 def _rounding_safe(limit: float, dtype: torch.dtype) -> float:
@@ -240,20 +265,23 @@ def _rounding_safe(limit: float, dtype: torch.dtype) -> float:
     return limit * (1.0 - 2.0 * eps)
 
 
-def _cap_unit64(x: torch.Tensor) -> torch.Tensor | None:
-    """Clip the singular values of float64 ``x`` at 1; ``None`` when nothing exceeds 1."""
+def _cap_unit64(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Clip the singular values of float64 ``x`` at 1: the clipped matrix (``None`` when
+    nothing exceeds 1) and the top eigenvector of the Gram matrix it used (``None`` when the
+    eigendecomposition failed and the SVD fallback ran)."""
     try:
         gram, tall = _gram64(x)
         lam, vecs = torch.linalg.eigh(gram)
+        top = vecs[:, -1]
         sigma = lam.clamp_min(0.0).sqrt()
         over = sigma > 1.0
         if not bool(over.any()):
-            return None
+            return None, top
         vc = vecs[:, over]
         shrink = 1.0 - 1.0 / sigma[over]
         if tall:
-            return x - ((x @ vc) * shrink) @ vc.mT
-        return x - (vc * shrink) @ (vc.mT @ x)
+            return x - ((x @ vc) * shrink) @ vc.mT, top
+        return x - (vc * shrink) @ (vc.mT @ x), top
     except (RuntimeError, torch.linalg.LinAlgError):
         pass
     svd = _svd64(x)
@@ -261,8 +289,8 @@ def _cap_unit64(x: torch.Tensor) -> torch.Tensor | None:
         u, s, vh = svd
         over = s > 1.0
         if not bool(over.any()):
-            return None
-        return x - (u[:, over] * (s[over] - 1.0)) @ vh[over]
+            return None, None
+        return x - (u[:, over] * (s[over] - 1.0)) @ vh[over], None
     warnings.warn(
         "spectral_cap: eigendecomposition and SVD both failed; rescaling by the Frobenius "
         "norm instead (the bound still holds)",
@@ -270,7 +298,7 @@ def _cap_unit64(x: torch.Tensor) -> torch.Tensor | None:
         stacklevel=3,
     )
     fro = float(torch.linalg.matrix_norm(x))
-    return x / fro if fro > 1.0 else None
+    return (x / fro if fro > 1.0 else None), None
 
 
 def _rescale_into_range(x: torch.Tensor, a_mat: torch.Tensor, level: float) -> float:

@@ -19,18 +19,21 @@ _GPT_SHAKESPEARE = dict(arch="gpt", dataset="shakespeare", n_heads=4, eval_every
                         eval_batches=8)
 
 # The certified family (lipcert.models.certified): every weight at σ ≤ 1, GroupSort2 MLPs
-# without residual, one weakly-mixing attention head per layer, tokens concatenated into a
-# GroupSort2 MLP head of width 256, and Lipschitz-margin cross-entropy at ε = 1.1.
+# (width 2·d) without residual, one weakly-mixing attention head per layer, tokens
+# concatenated into a GroupSort2 MLP head of width 256, and Lipschitz-margin cross-entropy
+# at ε = 1.1. Width 192 certified the most in 300 s of CPU training on MNIST (d 64: 43–45%
+# at ε 1.58; d 128: 47–49%; d 192: 49%; d 256: 48.5%, step-limited at 931 steps).
 _VIT_CERTIFIED = dict(
-    _VIT_MNIST, family="certified", n_heads=1, optimizer="muon", lr=0.05, adam_lr=3e-3,
+    _VIT_MNIST, family="certified", d_model=192, mlp_ratio=2, n_heads=1, optimizer="muon",
+    lr=0.05, adam_lr=3e-3,
     constraint="spectral_cap", w_max=1.0, w_norm="spectral", loss="lmt", margin_eps=1.1,
     temperature=4.0, token_radius=1.0, value_radius=8.0, logit_bound=0.02, attn_alpha=0.1,
     mlp_alpha=1.0, pooling="flatten", head_hidden=256,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "vit-mnist-certified": dict(_VIT_CERTIFIED, steps=3000),
-    "vit-fashion-mnist-certified": dict(_VIT_CERTIFIED, dataset="fashion-mnist", steps=10000,
+    "vit-mnist-certified": dict(_VIT_CERTIFIED, steps=1600),
+    "vit-fashion-mnist-certified": dict(_VIT_CERTIFIED, dataset="fashion-mnist", steps=5000,
                                         eval_every=500),
     "vit-mnist-lipschitz": dict(
         _VIT_MNIST, family="lipschitz", optimizer="muon", lr=0.05, adam_lr=3e-3,

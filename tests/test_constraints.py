@@ -228,6 +228,24 @@ def test_spectral_cap_clips_only_large_singular_values():
     assert torch.allclose(torch.linalg.svdvals(w.double()), before.clamp(max=1.0), atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+@pytest.mark.parametrize("top_sv", [3.0, 0.8])
+def test_spectral_cap_leaves_the_capped_weights_top_singular_vector(shape, top_sv):
+    """The cached vector gives the capped weight's exact σ_max (tall: ‖Wv‖, wide: ‖vᵀW‖),
+    whether or not the cap changed the weight, and is dropped once the weight moves."""
+    sv = np.geomspace(0.1, top_sv, 24)
+    w = matrix_with_singular_values(sv, shape, seed=11).float()
+    assert C.cached_top_vector(w) is None
+    C.spectral_cap(w, 1.0)
+    top = C.cached_top_vector(w)
+    assert top is not None and top.shape == (min(shape),)
+    wd = w.double()
+    sigma = torch.linalg.vector_norm(wd @ top if shape[0] >= shape[1] else top @ wd)
+    assert float(sigma) == pytest.approx(svd_sigma_max(w), rel=1e-6)
+    w.mul_(0.5)
+    assert C.cached_top_vector(w) is None
+
+
 def test_spectral_normalize_scales_whole_matrix():
     w = matrix_with_singular_values(np.array([4.0, 2.0, 0.5]), (6, 3), seed=10).float()
     C.spectral_normalize(w, 2.0)

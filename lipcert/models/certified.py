@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lipcert.constraints import cached_top_vector
 from lipcert.models.config import ModelConfig
 from lipcert.models.ops import group_sort2, token_ball
 from lipcert.models.vit import patchify
@@ -158,15 +159,20 @@ class CertifiedViT(nn.Module):
 
 
 def _sigma(weight: Tensor) -> Tensor:
-    """σ_max(W) = ‖W·v₁‖ with v₁ the top right singular vector, found (without gradient) as
-    the top eigenvector of the float64 Gram matrix: differentiable, with gradient u₁v₁ᵀ.
-    (``torch.linalg.matrix_norm(ord=2)`` runs an SVD, which fails to converge on the
-    nearly-orthogonal matrices that Muon produces.)"""
+    """σ_max(W) = ‖W·v₁‖ with v₁ the top right singular vector (‖u₁ᵀW‖ with u₁ the top left
+    one for a wide W), found (without gradient) as the top eigenvector of the smaller float64
+    Gram matrix: differentiable, with gradient u₁v₁ᵀ. During training ``spectral_cap`` has
+    just computed that eigenvector for the current weight, and it is reused
+    (:func:`~lipcert.constraints.cached_top_vector`). (``torch.linalg.matrix_norm(ord=2)``
+    runs an SVD, which fails to converge on the nearly-orthogonal matrices that Muon
+    produces.)"""
+    tall = weight.shape[0] >= weight.shape[1]
     with torch.no_grad():
-        w = weight.detach().double()
-        tall = w.shape[0] >= w.shape[1]
-        gram = w.mT @ w if tall else w @ w.mT
-        top = torch.linalg.eigh(gram).eigenvectors[:, -1].to(weight.dtype)
+        top = cached_top_vector(weight)
+        if top is None:
+            w = weight.detach().double()
+            top = torch.linalg.eigh(w.mT @ w if tall else w @ w.mT).eigenvectors[:, -1]
+        top = top.to(weight.dtype)
     return torch.linalg.vector_norm(weight @ top if tall else top @ weight)
 
 
