@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from lipcert.errors import LipcertError, TrainingError
+from lipcert.muon import adjusted_lr
 
 __all__ = [
     "APPROXIMATE_METHODS",
@@ -562,14 +563,7 @@ def _newton_schulz_gain(coefficients: tuple[float, float, float], steps: int) ->
 
 def _muon_update_scale(group: dict[str, Any], shape: tuple[int, int]) -> float:
     """Spectral norm of one torch.optim.Muon update per unit lr, for a weight of ``shape``."""
-    fan_out, fan_in = shape
-    fn = group.get("adjust_lr_fn")
-    if fn is None or fn == "original":
-        ratio = math.sqrt(max(1.0, fan_out / fan_in))
-    elif fn == "match_rms_adamw":
-        ratio = 0.2 * math.sqrt(max(fan_out, fan_in))
-    else:
-        ratio = 1.0
+    ratio = adjusted_lr(1.0, group.get("adjust_lr_fn"), torch.Size(shape))
     coeffs = tuple(float(c) for c in group.get("ns_coefficients", (3.4445, -4.775, 2.0315)))
     a, b, c = coeffs
     gain = _newton_schulz_gain((a, b, c), int(group.get("ns_steps", 5)))

@@ -25,6 +25,7 @@ from lipcert.losses import needs_bound, training_loss
 from lipcert.models import build_model, constrained_matrices
 from lipcert.models.certified import certified_lipschitz_bound
 from lipcert.models.sensitivity import paper_lipschitz_bound
+from lipcert.muon import Muon
 from lipcert.train_config import TrainConfig
 
 
@@ -43,9 +44,10 @@ class TrainResult:
 def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
     """Muon for every constrained matrix and AdamW for everything else, or AdamW alone.
 
-    torch's Muon orthogonalises each 2-D update with Newton–Schulz; ``adjust_lr_fn=
-    "original"`` scales it by √max(1, fan_out/fan_in), close to the paper's RMS→RMS
-    normalisation. Muon's own weight decay is off: decay is a constraint method here.
+    Muon (``torch.optim.Muon``; :class:`lipcert.muon.Muon` runs its iteration in float32 on
+    CPUs without native bfloat16) orthogonalises each 2-D update with Newton–Schulz;
+    ``adjust_lr_fn="original"`` scales it by √max(1, fan_out/fan_in), close to the paper's
+    RMS→RMS normalisation. Muon's own weight decay is off: decay is a constraint method here.
     """
     if config.optimizer == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=config.adam_lr,
@@ -54,7 +56,7 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.
     matrix_ids = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in matrix_ids]
     return [
-        torch.optim.Muon(matrices, lr=config.lr, weight_decay=0.0, adjust_lr_fn="original"),
+        Muon(matrices, lr=config.lr, weight_decay=0.0, adjust_lr_fn="original"),
         torch.optim.AdamW(rest, lr=config.adam_lr, weight_decay=0.0),
     ]
 
