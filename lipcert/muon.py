@@ -7,7 +7,7 @@ of the quintic Newton–Schulz iteration X ← a·X + (b·A + c·A²)·X, A = X 
 X₀ = M / ‖M‖_F, with (a, b, c) = (3.4445, −4.7750, 2.0315). torch runs that iteration in
 bfloat16, which is fast on GPUs and on CPUs with AVX512-BF16 or AMX, but emulated on others:
 on an AVX2 core a 256×3072 Gram product takes 81 ms in bfloat16 and 13 ms in float32, and
-the iteration was 85% of a ``vit-mnist-certified`` training step. torch offers no option
+the iteration was 85% of a certified-ViT training step at d 192. torch offers no option
 for the iteration's dtype, so on such CPUs this class runs the same algorithm (same
 momentum, Nesterov, coefficients, steps and learning-rate adjustment) in float32, which is
 also more accurate; everywhere else it is torch's Muon unchanged.
