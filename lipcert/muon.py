@@ -15,11 +15,14 @@ also more accurate; everywhere else it is torch's Muon unchanged.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+# torch's own learning-rate adjustment (``"original"``/None: √max(1, fan_out/fan_in);
+# ``"match_rms_adamw"``: 0.2·√max(fan_out, fan_in)), shared with lipcert.constraints.
+from torch.optim._muon import _adjust_lr as adjusted_lr
 
 
 def native_bfloat16_matmul(device: torch.device) -> bool:
@@ -39,17 +42,6 @@ def orthogonalize(update: Tensor, coefficients: tuple[float, float, float], step
         gram = x @ x.mT
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x if wide else x.mT).to(update.dtype)
-
-
-def adjusted_lr(lr: float, rule: str | None, shape: torch.Size) -> float:
-    """torch's Muon learning-rate adjustment: ``"original"`` (and None) scales by
-    √max(1, fan_out/fan_in), ``"match_rms_adamw"`` by 0.2·√max(fan_out, fan_in)."""
-    fan_out, fan_in = shape[:2]
-    if rule is None or rule == "original":
-        return lr * math.sqrt(max(1.0, fan_out / fan_in))
-    if rule == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(fan_out, fan_in))
-    return lr
 
 
 class Muon(torch.optim.Muon):
