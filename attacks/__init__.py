@@ -11,20 +11,20 @@
 * ``attacks.minimal``: the smallest L2 perturbation found per sample (empirical radius).
 * ``attacks.audit``: certificates set against attacks; violations are soundness bugs.
   ``radius_audit`` attacks each sample with PGD-L2 at exactly its certified radius.
-* ``attacks.cli``: the ``lipcert attack`` subcommand (``add_attack_parser``).
+* ``attacks.run``: ``attack_models``, what ``lipcert attack`` does, as one call.
 """
 
 import importlib
 from typing import Any
 
-# Exports are imported on first use (PEP 562), so `import attacks.cli` for the command
+# Exports are imported on first use (PEP 562), so `import attacks.registry` for the command
 # line does not pull in torchattacks, pandas and rich until an attack actually runs.
 _EXPORTS = {
     "Certificate": "attacks.audit", "certified_vs_robust": "attacks.audit",
     "find_violations": "attacks.audit", "load_certificate": "attacks.audit",
     "minimal_violations": "attacks.audit", "radius_audit": "attacks.audit",
     "radius_violations": "attacks.audit", "BallPGDL2": "attacks.audit",
-    "add_attack_parser": "attacks.cli",
+    "attack_models": "attacks.run",
     "BatchedDeepFool": "attacks.deepfool", "EmbeddingBox": "attacks.embedding",
     "NextTokenClassifier": "attacks.embedding", "attack_accuracy": "attacks.harness",
     "robust_accuracy": "attacks.harness", "run_attacks": "attacks.harness",
@@ -64,8 +64,8 @@ __all__ = [
     "EmbeddingBox",
     "ImageSpace",
     "NextTokenClassifier",
-    "add_attack_parser",
     "attack_accuracy",
+    "attack_models",
     "certified_vs_robust",
     "find_violations",
     "load_certificate",

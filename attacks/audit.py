@@ -1,10 +1,11 @@
 """Certificates set against attacks: any adversarial example inside a certified ball is a
 soundness violation.
 
-A certificate JSON (``lipcert certify``) holds ``norm`` (``"l2"``) and ``samples``, a list
-of ``{"index", "label", "pred", "margin", "radius_l2", "radius_linf"}`` where ``index`` is
-the sample's position in the dataset's split; it names the model by the sha256 of its
-weights. It claims that every input within ``radius_l2`` (L2) of sample ``index``, or
+A certificate JSON (``lipcert certify``; read with ``lipcert.certificate.Certificate``)
+holds ``samples``, a list of ``{"index", "label", "pred", "margin", "radius_l2",
+"radius_linf", "lipschitz"}`` where ``index`` is the sample's position in the dataset's
+split, and names the model by the sha256 of its weights (``model.weights_sha256``). It
+claims that every input within ``radius_l2`` (L2) of sample ``index``, or
 within ``radius_linf`` (L∞), is classified as ``label``.
 
 A violation is a result row with ``success`` (the prediction differs from the label) and
@@ -28,12 +29,10 @@ room for a flip at the sphere itself.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +43,7 @@ from torch import nn
 from attacks.harness import attackable, frozen, key_seed
 from attacks.minimal import PerSamplePGDL2
 from attacks.space import AttackSpace, ImageSpace, measure, project
+from lipcert.certificate import Certificate as CertificateDocument
 from lipcert.errors import LipcertError
 
 __all__ = ["RADIUS_AUDIT_COLUMNS", "VIOLATION_COLUMNS", "BallPGDL2", "Certificate",
@@ -61,14 +61,19 @@ RADIUS_ATTACK = "radius-audit:pgdl2"
 
 @dataclass
 class Certificate:
-    """The per-sample radii of a certificate, keyed by dataset index."""
+    """A certificate read for an audit: the document (``lipcert.certificate.Certificate``)
+    and its per-sample radii and labels keyed by dataset index."""
 
     path: str
-    weights_sha256: str | None
+    document: CertificateDocument = field(repr=False)
     radius_l2: dict[int, float]
     radius_linf: dict[int, float]
     label: dict[int, int]
-    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """The sha256 of the certified weights (None when the certificate does not say)."""
+        return self.document.weights_sha256
 
     def check_model(self, sha256: str | None, model: str) -> None:
         """Raise ``LipcertError`` if the certificate names other weights than ``model``'s."""
@@ -94,44 +99,14 @@ class Certificate:
                 np.array([self.radius_linf.get(i, nan) for i in indices], dtype=np.float64))
 
 
-def _sha256(raw: dict[str, Any]) -> str | None:
-    for holder in (raw, raw.get("model") if isinstance(raw.get("model"), dict) else {}):
-        for key in ("weights_sha256", "sha256", "model_sha256"):
-            if isinstance(holder.get(key), str):
-                return holder[key]
-    return None
-
-
 def load_certificate(path: str | Path) -> Certificate:
-    """Read and validate a certificate JSON; errors are ``LipcertError``s naming the file."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as err:
-        raise LipcertError(f"cannot read certificate {path}: {err.strerror or err}") from err
-    except (ValueError, UnicodeDecodeError) as err:
-        raise LipcertError(f"certificate {path} is not valid JSON: {err}") from err
-    if not isinstance(raw, dict) or not isinstance(raw.get("samples"), list):
-        raise LipcertError(f"certificate {path} has no 'samples' list")
-    if raw.get("norm", "l2") != "l2":
-        raise LipcertError(f"certificate {path}: norm {raw.get('norm')!r} is not supported; "
-                           "certificates are in the L2 norm")
-    r2: dict[int, float] = {}
-    rinf: dict[int, float] = {}
-    labels: dict[int, int] = {}
-    for k, sample in enumerate(raw["samples"]):
-        try:
-            index = int(sample["index"])
-            r2[index] = float(sample["radius_l2"])
-            value = sample.get("radius_linf")
-            rinf[index] = math.nan if value is None else float(value)
-            labels[index] = int(sample["label"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise LipcertError(f"certificate {path}: sample {k} is malformed "
-                               f"(needs index, label, radius_l2): {err!r}") from err
-        if not r2[index] >= 0:
-            raise LipcertError(f"certificate {path}: sample {index} has radius {r2[index]}")
-    return Certificate(str(path), _sha256(raw), r2, rinf, labels, raw)
+    """Read and validate a certificate JSON (``lipcert.certificate.Certificate.load``);
+    errors are ``LipcertError``s naming the file."""
+    document = CertificateDocument.load(path)
+    samples = document.samples
+    return Certificate(str(path), document, {s.index: s.radius_l2 for s in samples},
+                       {s.index: s.radius_linf for s in samples},
+                       {s.index: s.label for s in samples})
 
 
 def find_violations(df: pd.DataFrame, certificate: Certificate | None = None) -> pd.DataFrame:

@@ -18,6 +18,10 @@ batch, restart), and attacks that reseed themselves (APGD, FAB, AutoAttack) get 
 too, so a batch gives the same result whether it runs first or after a resume. The model is
 not part of the seed: every model sees the same random starts (paired comparisons), and a
 ``.pt2`` export gives the rows of its run directory.
+
+Under torchrun each process attacks a contiguous block of whole batches and rank 0 writes
+the rows of all of them, in the order above (``attacks.shards``): the same file as one
+process writes.
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ from rich.progress import (
 from torch import nn
 
 from attacks.registry import AttackSpec, resolve
-from attacks.results import COLUMNS, Key, ResultsFile, concat, read_results
+from attacks.results import COLUMNS, Key, concat, read_results
+from attacks.shards import merge_shards, open_shard
 from attacks.space import AttackSpace, ImageSpace, measure, project
+from lipcert.distributed import block, world
 from lipcert.errors import LipcertError
 
 __all__ = ["COLUMNS", "attack_accuracy", "attackable", "predict", "robust_accuracy",
@@ -256,6 +262,7 @@ def run_attacks(
     used = sorted({s.grid_norm for s in specs})
     n = len(x)
     batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    mine = set(block(len(batches)))  # all of them, unless torchrun started several ranks
     model = attackable(model)
     with frozen(model.to(device)):
         pred_clean, n_classes = predict(model, x, batch_size, device)
@@ -271,18 +278,19 @@ def run_attacks(
                 "space": space.describe(), "model_sha256": _state_digest(model),
                 "inputs_sha256": _digest(x, y, index, radius), **(settings or {}),
             }))
-            results = ResultsFile.open(output, model_name, run_settings,
+            results, done = open_shard(Path(output), model_name, run_settings,
                                        [index[b].tolist() for b in batches], overwrite)
-            done = set(results.done)
         runner = _Runner(model, model_name, space, seed, n_classes, tuple(x.shape[1:]))
         frames: list[pd.DataFrame] = []
-        with _progress(progress) as bars:
-            total = sum(len(grids[s.grid_norm]) for s in specs) * len(batches)
+        with _progress(progress and world().main) as bars:
+            total = sum(len(grids[s.grid_norm]) for s in specs) * len(mine)
             model_task = bars.add_task(model_name, total=total)
             for spec in specs:
                 norm, grid = spec.grid_norm, grids[spec.grid_norm]
-                task = bars.add_task(f"  {spec.name} ({norm})", total=len(grid) * len(batches))
+                task = bars.add_task(f"  {spec.name} ({norm})", total=len(grid) * len(mine))
                 for number, rows in enumerate(batches):
+                    if number not in mine:
+                        continue
                     todo = [e for e in grid if (model_name, spec.name, norm, e, number)
                             not in done]
                     bars.advance(task, len(grid) - len(todo))
@@ -306,6 +314,10 @@ def run_attacks(
                         bars.advance(model_task)
                         if on_key is not None:
                             on_key(key)
+    if world().size > 1:
+        return merge_shards(None if output is None else Path(output), model_name,
+                            concat(frames), [s.name for s in specs], grids,
+                            [index[b].tolist() for b in batches])
     if done:  # resumed: earlier rows come from the file
         df = read_results(output)
         return df[df["model"] == model_name].reset_index(drop=True)

@@ -226,12 +226,3 @@ def parse_eps(text: str | Iterable[float], what: str = "eps") -> list[float]:
         raise LipcertError(f"{what}: ε listed twice in {values}")
     return values
 
-
-def eps_argument(text: str) -> list[float]:
-    """:func:`parse_eps` as an argparse ``type``: a bad grid is a usage error (exit 2)."""
-    import argparse
-
-    try:
-        return parse_eps(text)
-    except LipcertError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torchattacks
 
@@ -115,8 +116,9 @@ def main() -> None:
             print(f"repeat {repeat + 1}: " + ", ".join(
                 f"{name} {times[name][-1]:.2f} s" for name in runners))
     median = {name: statistics.median(t) for name, t in times.items()}
-    for name in runners:
-        print(f"{name:>13}: median {median[name]:.2f} s, robust accuracy {accuracy[name]:.3f}")
+    table = pd.DataFrame({"median (s)": median, "robust accuracy": accuracy})
+    print(table.to_string(formatters={"median (s)": "{:.2f}".format,
+                                      "robust accuracy": "{:.3f}".format}))
     same_work = median["harness"] / median["bare-correct"]
     usual = median["harness"] / median["bare-all"]
     print(f"ratio harness / bare-correct (same attack work): {same_work:.3f}x "

@@ -22,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import pandas as pd
 import torch
 
 from lipcert.certificate import certify
@@ -67,9 +68,11 @@ def main() -> None:
                     phases.setdefault(phase, []).append(t)
     base = statistics.median(times["inference (.pt2 program)"])
     print(f"{len(y)} images, torch threads {torch.get_num_threads()}, medians of {args.repeats}")
-    for name, values in times.items():
-        seconds = statistics.median(values)
-        print(f"{name:<34} {seconds:8.3f} s   {seconds / base:5.2f}x")
+    table = pd.DataFrame({"median (s)": [statistics.median(v) for v in times.values()]},
+                         index=pd.Index(list(times), name="call"))
+    table["vs .pt2 inference"] = table["median (s)"] / base
+    print(table.to_string(formatters={"median (s)": "{:.3f}".format,
+                                      "vs .pt2 inference": "{:.2f}x".format}))
     print("phases of certify (.pt2 program): " + ", ".join(
         f"{phase} {statistics.median(values):.3f} s" for phase, values in phases.items()))
 

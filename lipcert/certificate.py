@@ -1,6 +1,6 @@
-"""Certificates: a per-layer table, the global Lipschitz bound of the logits, and per-sample
-certified radii in the global or local mode (DESIGN.md, "Conventions" and "Local
-certificates").
+"""Certificates: the per-layer table, the global Lipschitz bound of the logits, and per-sample
+certified radii in the global or local mode (:func:`certify`). What a certificate holds and
+its JSON document are in ``certificate_schema.py``.
 
 For logits z and label y, the margin is m = z_y − max_{j≠y} z_j. If ‖z(x') − z(x)‖₂ ≤ L‖x' − x‖₂
 on a set containing x and x', then z_y − z_j changes by at most √2·L·‖x' − x‖ (the vector
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,152 +32,33 @@ from torch import Tensor, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from lipcert.bounds import BoxDomain, EmbeddingDomain, Propagator, as_domain, as_program
+from lipcert.bounds import (
+    BoxDomain,
+    EmbeddingDomain,
+    Propagator,
+    as_domain,
+    as_program,
+    layer_table,
+)
+from lipcert.certificate_schema import (
+    RADIUS_CONVENTION,
+    Certificate,
+    LayerBound,
+    ModelIdentity,
+    SampleCertificate,
+)
 from lipcert.errors import LipcertError
+from lipcert.norm_shards import share_norms
 
-RADIUS_CONVENTION = "r = (z_y - max_{j!=y} z_j) / (sqrt(2) * L)"
 FP_MARGIN = 1e-9
 __all__ = [
     "RADIUS_CONVENTION",
     "Certificate",
-    "LastPosition",
     "LayerBound",
+    "ModelIdentity",
     "SampleCertificate",
     "certify",
-    "embedding_domain",
 ]
-
-
-@dataclass
-class LayerBound:
-    """One row of the per-layer table: the Lipschitz bound of that module alone."""
-
-    name: str
-    kind_of_layer: str
-    upper: float
-    kind: str
-    params: int
-
-
-@dataclass
-class SampleCertificate:
-    """Per-sample result; ``lipschitz`` is the (upper) bound L that certified ``radius_l2``."""
-
-    index: int
-    label: int
-    pred: int
-    margin: float
-    radius_l2: float
-    radius_linf: float
-    lipschitz: float
-
-
-@dataclass
-class Certificate:
-    """A certificate for one model and data set (see the module docstring)."""
-
-    mode: str
-    method: str
-    lipschitz_upper: float
-    layers: list[LayerBound]
-    samples: list[SampleCertificate]
-    certified_accuracy: list[dict[str, float]]
-    input_elements: int
-    timing_s: dict[str, float] = field(default_factory=dict)
-    lipschitz_lower: float | None = None
-    norm: str = "l2"
-    radius_convention: str = RADIUS_CONVENTION
-
-    @property
-    def ratio(self) -> float | None:
-        if self.lipschitz_lower is None or self.lipschitz_lower <= 0:
-            return None
-        return self.lipschitz_upper / self.lipschitz_lower
-
-    def with_lower(self, lower: float | None) -> Certificate:
-        """The same certificate with an empirical lower bound (kind ``lower``) attached."""
-        from dataclasses import replace
-
-        return replace(self, lipschitz_lower=None if lower is None else float(lower))
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON document of issue 3 (model identity and versions are added by the CLI)."""
-        local = [s.lipschitz for s in self.samples]
-        out: dict[str, Any] = {
-            "norm": self.norm,
-            "radius_convention": self.radius_convention,
-            "mode": self.mode,
-            "method": self.method,
-            "input_elements": self.input_elements,
-            "lipschitz": {
-                "upper": _num(self.lipschitz_upper),
-                "lower": _num(self.lipschitz_lower),
-                "ratio": _num(self.ratio),
-            },
-            "layers": [{**asdict(r), "upper": _num(r.upper)} for r in self.layers],
-            "samples": [
-                {**asdict(s), "margin": _num(s.margin), "lipschitz": _num(s.lipschitz)}
-                for s in self.samples
-            ],
-            "certified_accuracy": self.certified_accuracy,
-            "timing_s": self.timing_s,
-        }
-        if self.mode == "local" and local:
-            t = torch.tensor(local, dtype=torch.float64)
-            out["lipschitz"]["local_upper"] = {
-                "min": _num(float(t.min())),
-                "median": _num(float(t.median())),
-                "max": _num(float(t.max())),
-            }
-        return out
-
-    def format_table(self) -> str:
-        """The per-layer table and the summary as plain text (for the terminal)."""
-        w = max([len(r.name) for r in self.layers] + [5])
-        lines = [f"{'layer':<{w}}  {'kind_of_layer':<16} {'upper':>12}  {'params':>10}"]
-        for r in self.layers:
-            lines.append(f"{r.name:<{w}}  {r.kind_of_layer:<16} {r.upper:>12.5g}  {r.params:>10}")
-        lines.append(f"Lipschitz upper bound of the logits (L2, {self.mode}): "
-                     f"{self.lipschitz_upper:.6g}")
-        if self.lipschitz_lower is not None:
-            lines.append(f"empirical lower bound: {self.lipschitz_lower:.6g}  "
-                         f"(ratio {self.ratio:.3g})")
-        for row in self.certified_accuracy:
-            lines.append(f"certified accuracy at eps={row['eps']:g}: {row['accuracy']:.4f}")
-        return "\n".join(lines)
-
-
-def _num(x: float | None) -> float | str | None:
-    if x is None:
-        return None
-    if math.isinf(x):
-        return "inf"
-    return float(x)
-
-
-class LastPosition(nn.Module):
-    """Logits of a sequence model at one position: (B, T, V) → (B, V)."""
-
-    def __init__(self, model: nn.Module, position: int = -1) -> None:
-        super().__init__()
-        self.model = model
-        self.position = position
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)[:, self.position, :]
-
-
-def embedding_domain(model: nn.Module) -> EmbeddingDomain:
-    """Tokens bounded by the largest row norm of a GPT's (normalised) embedding table."""
-    gpt = getattr(model, "gpt", model)
-    while not hasattr(gpt, "embedding_table") and hasattr(gpt, "model"):
-        gpt = gpt.model
-        gpt = getattr(gpt, "gpt", gpt)
-    if not hasattr(gpt, "embedding_table"):
-        raise LipcertError("embedding_domain needs a lipcert GPT (or a wrapper of one)")
-    with torch.no_grad():
-        table = gpt.embedding_table().detach().to(torch.float64)
-    return EmbeddingDomain(float(torch.linalg.vector_norm(table, dim=1).max()) * (1 + 1e-12))
 
 
 def _check_domain(inputs: Tensor, domain: Any) -> None:
@@ -250,7 +131,7 @@ def _forward(prop: Propagator, inputs: Tensor, size: int) -> Tensor:
     if logits.dim() != 2:
         raise LipcertError(
             f"the model's output has shape {tuple(logits.shape)}; certify needs (batch, classes)"
-            " logits (wrap a sequence model with lipcert.certificate.LastPosition)"
+            " logits (wrap a sequence model with lipcert.models.adapters.LastPosition)"
         )
     return logits
 
@@ -267,14 +148,17 @@ def certify(
     indices: Sequence[int] | None = None,
     batch_size: int = 256,
     bisection_steps: int = 20,
+    device: str | torch.device = "cpu",
 ) -> Certificate:
     """Certify ``model`` (an ``nn.Module`` or ``ExportedProgram`` whose output is (B, C)
     logits) on ``inputs`` (B, ...) with ``labels`` (B,).
 
-    ``domain``: ``(lo, hi)`` for images, or :func:`embedding_domain` for embedded sequences
-    (wrap a GPT as ``LastPosition(EmbeddingSpaceGPT(gpt))``); ``mode``: "global" or
+    ``domain``: ``(lo, hi)`` for images, or ``lipcert.models.adapters.embedding_domain``
+    for embedded sequences (wrap a GPT as ``LastPosition(EmbeddingSpaceGPT(gpt))``, with
+    ``LastPosition`` from the same module); ``mode``: "global" or
     "local"; ``method``: "exact" or "gram" for weight norms; ``indices``: the samples'
-    positions in their data set (default 0..B−1).
+    positions in their data set (default 0..B−1); ``device``: where the certified weight
+    norms are computed (float64 on a GPU; ``lipcert.norm_shards``).
     """
     if mode not in ("global", "local"):
         raise LipcertError(f"unknown mode {mode!r}; use 'global' or 'local'")
@@ -300,12 +184,12 @@ def certify(
     timing["forward"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    share_norms(prop, dom, inputs.shape[1:], torch.device(device))
     glob = prop.run(dom, sample_shape=tuple(inputs.shape[1:]))
     L = float(glob.lip.max()) * (1 + FP_MARGIN)
     timing["global_bound"] = time.perf_counter() - t
     t = time.perf_counter()
-    layers = [LayerBound(r.name, r.kind_of_layer, r.upper * (1 + FP_MARGIN), r.kind, r.params)
-              for r in prop.layer_table(glob)]
+    layers = [replace(r, upper=r.upper * (1 + FP_MARGIN)) for r in layer_table(prop, glob)]
     timing["layers"] = time.perf_counter() - t
 
     margin, pred = _margins(logits, labels)

@@ -1,8 +1,10 @@
-"""Run directories: writing them atomically and loading them safely.
+"""Run directories: what a training run produced (:class:`TrainResult`), writing it
+atomically, and loading it safely.
 
 A run directory holds ``model.safetensors`` (the weights), ``config.json`` (architecture,
 training settings, metrics, versions), ``model.pt2`` (``torch.export.save`` of the model)
-and ``train_log.csv``. Nothing in it is unpickled when it is loaded.
+and ``train_log.csv``; :data:`RUN_FILES` names them. Nothing in it is unpickled when it is
+loaded, and loading needs neither the optimizers nor the weight constraints.
 """
 
 from __future__ import annotations
@@ -10,9 +12,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,31 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lipcert.atomic import atomic_directory
 from lipcert.errors import CheckpointError, LipcertError
 from lipcert.models import ModelConfig, build_model, export_model
-from lipcert.train import TrainResult
+from lipcert.train_config import TrainConfig
 from lipcert.versions import package_versions
 
-WEIGHTS, CONFIG, PROGRAM, LOG = "model.safetensors", "config.json", "model.pt2", "train_log.csv"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+PROGRAM = "model.pt2"
+TRAIN_LOG = "train_log.csv"
+#: Every file a run directory holds, as ``save_run`` writes it.
+RUN_FILES = (WEIGHTS, CONFIG, PROGRAM, TRAIN_LOG)
 FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainResult:
+    """A trained model with everything a run directory records about it."""
+
+    config: TrainConfig
+    model: nn.Module
+    metrics: dict[str, float]
+    log: list[dict[str, float]]
+    constraint_report: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "finished"
 
 
 def sha256_file(path: Path) -> str:
@@ -60,15 +79,8 @@ def save_run(result: TrainResult, run_dir: str | Path, overwrite: bool = False) 
     """
     run_dir = Path(run_dir)
     check_writable(run_dir, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.resolve().parent))
-    try:
+    with atomic_directory(run_dir, f"the run directory {run_dir}") as tmp:
         _write_run(result, tmp)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        os.replace(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return run_dir
 
 
@@ -78,7 +90,7 @@ def _write_run(result: TrainResult, out: Path) -> None:
     save_file(state, out / WEIGHTS)
     model_config: ModelConfig = model.config
     torch.export.save(export_model(model), out / PROGRAM)
-    with open(out / LOG, "w", newline="") as f:
+    with open(out / TRAIN_LOG, "w", newline="") as f:
         columns = ["step", "loss", "train_acc", "lr", "val_loss", "val_acc", "elapsed_s"]
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -1,97 +1,138 @@
-"""``lipcert demo``: the whole pipeline on the embedded MNIST data.
+"""The demo pipeline on the embedded MNIST data, as Python calls: train, certify, attack,
+report.
 
 Train ``vit-mnist-lipschitz``, ``vit-mnist-standard`` and ``vit-mnist-certified`` (finished
-runs in OUT_DIR are reused), certify each in global and local mode, attack each with FGSM,
-PGD and PGD-L2 with the certificate audit on, and build the report. Every stage runs the
-same code as its own ``lipcert`` subcommand; one progress display covers them all.
+runs in the output directory are reused), each within its share of a wall-clock training
+budget; certify each globally (with the empirical lower bound, under its default budget)
+and locally; attack each with FGSM, PGD and PGD-L2 with the local certificate's audit on
+and the minimal-perturbation search; and build the report from the run directories. Every
+stage is the function its ``lipcert`` subcommand calls.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+from attacks.run import attack_models
+from lipcert.certify_run import certify_model
+from lipcert.checkpoint import save_run
 from lipcert.errors import LipcertError
+from lipcert.presets import preset
+from lipcert.train import train
+from reports.build import BuiltReport, make_report
 
-PRESETS = ("vit-mnist-lipschitz", "vit-mnist-standard", "vit-mnist-certified")
-EPS_L2 = "0.1,0.25,0.5,1.0"
-EPS_LINF = "0.02,0.05,0.1"
+__all__ = ["PRESETS", "TRAIN_SHARES", "DemoResult", "DemoSettings", "Stage", "demo_stages",
+           "run_demo"]
 
-
-def add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="the whole pipeline on MNIST: train, certify, attack, report",
-        description="The whole pipeline on the embedded MNIST data. Trains three ViTs (the "
-        "paper's Lipschitz family, a standard pre-LN ViT and the certified family), certifies "
-        "and attacks them, and writes OUT_DIR/report/report.html (about 6 minutes on 2 quiet "
-        "CPU cores).",
-    )
-    p.add_argument("-o", "--out", type=Path, default=Path("runs/demo"), metavar="OUT_DIR",
-                   help="where runs and the report go (default runs/demo)")
-    p.add_argument("--n-certify", type=int, default=1000, help="samples certified globally")
-    p.add_argument("--n-local", type=int, default=200,
-                   help="samples certified locally, and attacked with the audit on")
-    p.set_defaults(handler=run_demo)
+# The certified ViT (d 128) costs about four times a step of the d-64 ViTs and needs the
+# most steps to reach its certified accuracy, so it gets half of the training budget.
+TRAIN_SHARES = {"vit-mnist-lipschitz": 0.25, "vit-mnist-standard": 0.25,
+                "vit-mnist-certified": 0.5}
+PRESETS = tuple(TRAIN_SHARES)
+EPS_L2 = (0.1, 0.25, 0.5, 1.0)
+EPS_LINF = (0.02, 0.05, 0.1)
+ATTACKS = ("fgsm", "pgd", "pgdl2")
 
 
-def _stages(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    out = args.out
-    stages = []
-    for preset in PRESETS:
-        run = out / preset
-        if not (run / "config.json").is_file():
-            stages.append((f"train {preset}", ["train", "--preset", preset, "--out", str(run),
-                                               "--overwrite", "--quiet"]))
-    for preset in PRESETS:
-        run = out / preset
-        stages.append((f"certify {preset} (global)", [
-            "certify", str(run), "--n", str(args.n_certify), "--eps", EPS_L2,
-            "-o", str(run / "certificate-global.json")]))
+@dataclass(frozen=True)
+class DemoSettings:
+    """Where the runs and report go, how many samples each step uses, and the wall-clock
+    seconds that the three trainings share (``TRAIN_SHARES``)."""
+
+    out: Path = Path("runs/demo")
+    n_certify: int = 1000
+    n_local: int = 100
+    train_budget_s: float = 240.0
+
+    def __post_init__(self) -> None:
+        if self.n_certify < 1 or self.n_local < 1:
+            raise LipcertError("--n-certify and --n-local must be >= 1")
+        if not self.train_budget_s > 0:
+            raise LipcertError("the training budget must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the demo: its name and the call that does it."""
+
+    name: str
+    run: Callable[[], Any]
+
+
+@dataclass
+class DemoResult:
+    """The report, each stage's seconds, and the certificate violations the attacks found
+    (one line per model; a sound pipeline has none)."""
+
+    report: BuiltReport
+    seconds: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def demo_stages(settings: DemoSettings, failures: list[str] | None = None) -> list[Stage]:
+    """The demo's stages in order; the attack stages append violations to ``failures``."""
+    out = settings.out
+    found = failures if failures is not None else []
+    stages = [Stage(f"train {name}", _trainer(name, out / name,
+                                              settings.train_budget_s * share))
+              for name, share in TRAIN_SHARES.items()
+              if not (out / name / "config.json").is_file()]
+    for name in PRESETS:
+        run = out / name
+        stages.append(Stage(f"certify {name} (global)", lambda run=run: certify_model(
+            run, n=settings.n_certify, eps=EPS_L2, output=run / "certificate-global.json")))
         # The local certificate's radii are at least the global ones (certify keeps the
         # larger of the two, both sound), so the audit checks the stronger claim.
-        stages.append((f"certify {preset} (local)", [
-            "certify", str(run), "--n", str(args.n_local), "--eps", EPS_L2, "--mode", "local",
-            "--no-lower", "-o", str(run / "certificate-local.json")]))
-        stages.append((f"attack {preset}", [
-            "attack", str(run), "--data", "mnist", "--attacks", "fgsm,pgd,pgdl2",
-            "--eps-l2", EPS_L2, "--eps-linf", EPS_LINF, "--n", str(args.n_local),
-            "--certificate", str(run / "certificate-local.json"),
-            "--overwrite", "--quiet", "-o", str(run / "attacks.csv")]))
-    stages.append(("report", ["report", *(str(out / p) for p in PRESETS),
-                              "-o", str(out / "report")]))
+        stages.append(Stage(f"certify {name} (local)", lambda run=run: certify_model(
+            run, n=settings.n_local, eps=EPS_L2, mode="local", lower=False,
+            output=run / "certificate-local.json")))
+        stages.append(Stage(f"attack {name}", lambda run=run, name=name: _attack(
+            run, name, settings.n_local, found)))
+    stages.append(Stage("report", lambda: make_report([out / p for p in PRESETS],
+                                                      out / "report")))
     return stages
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from lipcert.cli import main
-
-    console = Console()
-    stages = _stages(args)
+def run_demo(settings: DemoSettings,
+             on_stage: Callable[[int, int, str, float | None], None] | None = None
+             ) -> DemoResult:
+    """Run every stage. ``on_stage(number, total, name, seconds)`` is called as stage
+    ``number`` (from 1) starts, with ``seconds`` None, and as it ends, with its seconds."""
     failures: list[str] = []
-    last_output = ""
-    columns = (TextColumn("[bold]demo"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("", total=len(stages))
-        for name, argv in stages:
-            progress.update(task, description=name)
-            captured = io.StringIO()
-            with contextlib.redirect_stdout(captured):
-                code = main(argv)
-            last_output = captured.getvalue()
-            if code == 1 and argv[0] == "attack":
-                failures.append(f"{name}: certificate violations (see the attack CSV)")
-            elif code != 0:
-                raise LipcertError(f"demo stage '{name}' failed (exit {code})")
-            progress.advance(task)
-    console.print(last_output.rstrip())
-    if failures:
-        raise LipcertError("; ".join(failures))
-    console.print(f"report: {(args.out / 'report' / 'report.html').resolve()}")
-    return 0
+    stages = demo_stages(settings, failures)
+    seconds: dict[str, float] = {}
+    report = None
+    for number, stage in enumerate(stages, start=1):
+        if on_stage is not None:
+            on_stage(number, len(stages), stage.name, None)
+        start = time.perf_counter()
+        report = stage.run()
+        seconds[stage.name] = time.perf_counter() - start
+        if on_stage is not None:
+            on_stage(number, len(stages), stage.name, seconds[stage.name])
+    assert isinstance(report, BuiltReport)  # the last stage builds the report
+    return DemoResult(report, seconds, failures)
+
+
+def _trainer(name: str, run: Path, seconds: float) -> Callable[[], None]:
+    def train_and_save() -> None:
+        result = train(preset(name, max_time_s=seconds), progress=False)
+        save_run(result, run, overwrite=True)
+        if result.status != "finished":
+            raise LipcertError(f"demo stage 'train {name}' failed: {result.status}")
+
+    return train_and_save
+
+
+def _attack(run: Path, name: str, n: int, failures: list[str]) -> None:
+    outcome = attack_models(
+        [run], data="mnist", attacks=ATTACKS, eps_l2=EPS_L2, eps_linf=EPS_LINF, n=n,
+        certificates=[run / "certificate-local.json"], minimal=True, overwrite=True,
+        output=run / "attacks.csv")
+    if outcome.violation_count:
+        failures.append(f"attack {name}: {outcome.violation_count} certificate violations "
+                        f"(see {outcome.files['violations']})")

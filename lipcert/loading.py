@@ -4,7 +4,7 @@ MODEL takes one of three forms (``ACCEPTED_FORMS``):
 
 1. a lipcert run directory (holds ``config.json``): rebuilt with ``load_run`` from
    ``model.safetensors``; a GPT is wrapped in ``EmbeddingSpaceGPT``, because certificates
-   and attacks live in the embedded sequence (DESIGN.md, "Conventions");
+   and attacks live in the embedded sequence (docs/conventions.md, "Norms");
 2. a ``.pt2`` file written by ``torch.export.save``, inspected before it is loaded;
 3. ``package.module:factory``: the factory is called with no arguments and the weights come
    from a safetensors file (a pickle file only with ``trust_pickle``).

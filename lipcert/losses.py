@@ -1,7 +1,7 @@
 """Training losses: plain cross-entropy and two margin-aware losses for certified training.
 
 With logits z = f(x), label y and a Lipschitz bound L of f in L2, the prediction is certified
-within radius (z_y − max_{j≠y} z_j) / (√2·L) (DESIGN.md, "Conventions"). The losses below
+within radius (z_y − max_{j≠y} z_j) / (√2·L) (docs/conventions.md). The losses below
 make that margin large:
 
 * ``ce``: cross-entropy of τ·z, τ the ``temperature`` (a fixed logit scale);

@@ -1,7 +1,7 @@
 """Operator (spectral) norms of weight matrices and convolutions, each tagged with its kind.
 
-Every public function returns a :class:`Norm`: a value, its *kind* and the *method* that made
-it. The kinds are never mixed (see DESIGN.md, "Three kinds of numbers"):
+Every norm function returns a :class:`Norm`: a value, its *kind* and the *method* that made
+it. The kinds are never mixed (see docs/conventions.md, "Three kinds of numbers"):
 
 * ``upper``    a certified upper bound on the true σ_max of the weights *as stored*;
 * ``estimate`` a number near σ_max with no guarantee (power iteration: from below);
@@ -15,6 +15,15 @@ Public API
 ``power(weight, steps, seed)``    power iteration: an ``estimate``, never an upper bound.
 ``conv2d(weight, input_hw, ...)`` operator norm of a 2-D convolution on an H×W input: exact
                                   (FFT) for circular padding, a certified bound for zeros.
+
+Helpers for training code (no :class:`Norm`, never a certificate):
+
+``power_iteration(matrix, v, steps)``  the one power-iteration loop: estimates (σ, u, v) of
+                                       the top singular triple, warm-startable.
+``sigma_max_differentiable(weight)``   σ_max(W) as a differentiable scalar for training
+                                       losses (‖W·v₁‖, gradient u₁v₁ᵀ).
+``remember_top_vector(weight, v)``,    the top singular vector that a projection has just
+``cached_top_vector(weight)``          computed, valid until the weight changes.
 
 Floating-point soundness
 ------------------------
@@ -97,7 +106,17 @@ from torch import Tensor
 from lipcert.errors import LipcertError
 from lipcert.threads import one_thread
 
-__all__ = ["Norm", "conv2d", "exact", "gram", "power"]
+__all__ = [
+    "Norm",
+    "cached_top_vector",
+    "conv2d",
+    "exact",
+    "gram",
+    "power",
+    "power_iteration",
+    "remember_top_vector",
+    "sigma_max_differentiable",
+]
 
 Kind = Literal["upper", "estimate", "lower"]
 _KINDS = ("upper", "estimate", "lower")
@@ -115,6 +134,7 @@ _SHIFT_TRIES = 40  # 1e-8·4³⁹ > 1e15: past any Lanczos estimate ≥ max_i g_
 _LANCZOS_STEPS = 160  # most Lanczos steps (exact, up to rounding, for n ≤ 160)
 _LANCZOS_CHECK = 8  # steps between convergence checks
 _EIGH_MAX_N = 256  # Gram size up to which eigvalsh gives the shift's estimate
+_FALLBACK_POWER_STEPS = 200  # power steps for the shift's estimate if LAPACK's eigensolver fails
 
 
 @dataclass(frozen=True)
@@ -340,11 +360,23 @@ def _lanczos_top(gram_matrix: Tensor) -> float:
 def _top_estimate(gram_matrix: Tensor) -> float:
     """θ ≈ λ_max(Ĝ), only to steer the Cholesky shift: the largest eigenvalue from
     ``eigvalsh`` for Gram matrices up to ``_EIGH_MAX_N`` (faster there than Lanczos' Python
-    loop), a Lanczos estimate above that."""
-    if gram_matrix.shape[0] <= _EIGH_MAX_N:
+    loop), a Lanczos estimate above that. Should LAPACK's eigensolver fail (it reports a
+    convergence failure as an error), ``_FALLBACK_POWER_STEPS`` power-iteration steps on Ĝ
+    give θ instead: any θ is sound, since the Cholesky test alone certifies the result, and a
+    rougher θ only costs more shifts and a looser (still verified) value."""
+    try:
+        if gram_matrix.shape[0] <= _EIGH_MAX_N:
+            with one_thread(gram_matrix.device):
+                return float(torch.linalg.eigvalsh(gram_matrix)[-1])
+        return _lanczos_top(gram_matrix)
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        gen = torch.Generator().manual_seed(0)
+        start = torch.randn(gram_matrix.shape[0], generator=gen, dtype=torch.float64)
         with one_thread(gram_matrix.device):
-            return float(torch.linalg.eigvalsh(gram_matrix)[-1])
-    return _lanczos_top(gram_matrix)
+            theta, _, _ = power_iteration(
+                gram_matrix, start.to(gram_matrix.device), _FALLBACK_POWER_STEPS
+            )
+        return theta
 
 
 def _verified_lambda_max(gram_matrix: Tensor, theta: float) -> float:
@@ -517,11 +549,9 @@ def power(weight: Tensor, steps: int = 100, seed: int = 0) -> Norm:
     A = _scaled64(t if t.shape[0] >= t.shape[1] else t.T, shift)
     gen = torch.Generator(device=A.device).manual_seed(int(seed))
     v = torch.randn(A.shape[1], generator=gen, dtype=torch.float64, device=A.device)
-    v = v / torch.linalg.vector_norm(v)
     small = one_thread(A.device) if A.numel() <= _SMALL_N**2 else nullcontext()
     with small:
-        v = _power_loop(A, v, steps, gen)
-    est = float(torch.linalg.vector_norm(A @ v) / torch.linalg.vector_norm(v))
+        est, _, _ = power_iteration(A, v, steps)
     try:
         value = math.ldexp(est, shift)
     except OverflowError:
@@ -529,17 +559,76 @@ def power(weight: Tensor, steps: int = 100, seed: int = 0) -> Norm:
     return Norm(value, "estimate", method)
 
 
-def _power_loop(mat: Tensor, v: Tensor, steps: int, gen: torch.Generator) -> Tensor:
-    """``steps`` normalised products v ← AᵀAv; restarts from noise if v hits the null space."""
-    A = mat
+def power_iteration(matrix: Tensor, v: Tensor, steps: int) -> tuple[float, Tensor, Tensor]:
+    """Estimates (σ, u, v) of the top singular triple of ``matrix`` A by power iteration.
+
+    From the start vector v (normalised first), each of ``steps`` steps computes
+    u ← Av/‖Av‖, v ← Aᵀu/‖Aᵀu‖ (norms clamped below at 1e-30), i.e. one normalised
+    product with AᵀA. It returns σ = ‖Av‖ for the final v, u = Av/σ (zero if σ = 0) and v,
+    in the dtype and on the device of A and v. Pass the v of a previous call to warm-start.
+
+    By Cauchy–Schwarz σ = ‖Av‖ ≤ σ_max(A) for a unit v in exact arithmetic, and σ rises
+    towards σ_max like 1 − O((σ₂/σ₁)^(2·steps)); a start orthogonal to the top singular
+    space stays there (σ then estimates a lower singular value). It is never a certificate.
+    This is the one power-iteration loop of lipcert's matrix code (``power`` here, the spectral
+    hammer constraint); ``exact`` and ``gram`` give certified values.
+    """
+    v = v / v.norm().clamp_min(1e-30)
     for _ in range(steps):
-        w = A.T @ (A @ v)
-        nw = torch.linalg.vector_norm(w)
-        if float(nw) == 0.0:  # v fell into the null space: restart from a fresh vector
-            w = torch.randn(A.shape[1], generator=gen, dtype=torch.float64, device=A.device)
-            nw = torch.linalg.vector_norm(w)
-        v = w / nw
-    return v
+        u = matrix @ v
+        u = u / u.norm().clamp_min(1e-30)
+        v = matrix.mT @ u
+        v = v / v.norm().clamp_min(1e-30)
+    u = matrix @ v
+    sigma = float(u.norm())
+    return sigma, (u / sigma if sigma > 0.0 else u), v
+
+
+# --------------------------------------------------------------------------- training helpers
+
+
+def remember_top_vector(weight: Tensor, top: Tensor) -> None:
+    """Record ``top``, the unit top eigenvector (float64) of ``weight``'s smaller Gram matrix,
+    for :func:`cached_top_vector`, stamped with ``weight``'s version counter."""
+    weight._lipcert_top_vector = (weight._version, top)  # type: ignore[attr-defined]
+
+
+def cached_top_vector(weight: Tensor) -> Tensor | None:
+    """The vector :func:`remember_top_vector` recorded for ``weight``, or ``None`` if
+    ``weight`` was modified in place since (its version counter moved) or never recorded.
+
+    It is the unit top eigenvector of the smaller Gram matrix (``WᵀW`` for a tall weight: its
+    top right singular vector; ``WWᵀ`` for a wide one: its top left singular vector), so
+    ``‖W v‖`` (tall) or ``‖vᵀ W‖`` (wide) is σ_max(W) without another eigendecomposition.
+    The exact spectral cap records it: clipping singular values keeps the singular vectors.
+    """
+    cached = getattr(weight, "_lipcert_top_vector", None)
+    if cached is None or cached[0] != weight._version:
+        return None
+    return cached[1]
+
+
+def sigma_max_differentiable(weight: Tensor) -> Tensor:
+    """σ_max(W) as a differentiable scalar, for training losses: an *estimate*, never a
+    certificate (certified values come from :func:`exact`).
+
+    σ_max(W) = ‖W v₁‖ for a tall W (v₁ its top right singular vector) and ‖u₁ᵀW‖ for a wide
+    one (u₁ its top left singular vector); the vector is found without gradient as the top
+    eigenvector of the smaller float64 Gram matrix, or taken from :func:`cached_top_vector`
+    when a projection has just computed it. As a function of W with the vector held fixed,
+    the value has gradient u₁v₁ᵀ, the gradient of σ_max wherever σ₁ > σ₂. It is evaluated
+    in W's dtype, so it can lie below σ_max by that dtype's rounding (about 1e-7 relative in
+    float32). (``torch.linalg.matrix_norm(ord=2)`` would run an SVD, which fails to converge
+    on the nearly-orthogonal matrices that Muon produces.)
+    """
+    tall = weight.shape[0] >= weight.shape[1]
+    with torch.no_grad():
+        top = cached_top_vector(weight)
+        if top is None:
+            w = weight.detach().double()
+            top = torch.linalg.eigh(w.mT @ w if tall else w @ w.mT).eigenvectors[:, -1]
+        top = top.to(weight.dtype)
+    return torch.linalg.vector_norm(weight @ top if tall else top @ weight)
 
 
 # --------------------------------------------------------------------------- convolutions

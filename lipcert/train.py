@@ -1,8 +1,8 @@
 """The training loop: Muon (hidden matrices) + AdamW (the rest), or AdamW alone, with a
 weight constraint projected after every optimizer step and a linear learning-rate decay.
 
-``train(config)`` returns a ``TrainResult`` in memory; ``lipcert.checkpoint.save_run``
-writes it as a run directory.
+``train(config)`` returns a :class:`~lipcert.checkpoint.TrainResult` in memory;
+``lipcert.checkpoint.save_run`` writes it as a run directory.
 """
 
 from __future__ import annotations
@@ -10,35 +10,24 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from lipcert.checkpoint import TrainResult
 from lipcert.constraints import WeightConstraint
 from lipcert.data import ImageDataset, TextDataset, load_dataset
+from lipcert.ddp import DataParallel
+from lipcert.distributed import resolve_device
 from lipcert.errors import LipcertError
 from lipcert.losses import needs_bound, training_loss
 from lipcert.models import build_model, constrained_matrices
-from lipcert.models.certified import certified_lipschitz_bound
-from lipcert.models.sensitivity import paper_lipschitz_bound
+from lipcert.models.certified import sigma_upper
 from lipcert.muon import Muon
 from lipcert.train_config import TrainConfig
-
-
-@dataclass
-class TrainResult:
-    """A trained model with everything a run directory records about it."""
-
-    config: TrainConfig
-    model: nn.Module
-    metrics: dict[str, float]
-    log: list[dict[str, float]]
-    constraint_report: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "finished"
 
 
 def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -107,18 +96,19 @@ def _loss_and_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return loss, (logits.argmax(-1) == y).sum().item(), y.numel()
 
 
-def _training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig):
+def _training_loss(model: DataParallel, x: torch.Tensor, y: torch.Tensor,
+                   config: TrainConfig):
     """The configured loss (``lipcert.losses``) and the batch's correct count. ``lmt`` uses
-    the certified family's composed bound, differentiable in the weights and never below
-    the bound ``lipcert certify`` proves (the paper formula of the Lipschitz family can be
-    below it, so it is not offered)."""
-    logits = model(x)
+    the certified family's composed bound (``CertifiedViT.lipschitz_bound``), differentiable
+    in the weights and never below the bound ``lipcert certify`` proves (the paper formula of
+    the Lipschitz family can be below it, so it is not offered)."""
+    logits = model.net(x)
     bound: torch.Tensor | float = 1.0
     if needs_bound(config.loss):
         if config.family != "certified":
             raise LipcertError("--loss lmt needs the certified family, whose Lipschitz bound "
                                "is known (and differentiable) during training")
-        bound = certified_lipschitz_bound(model)
+        bound = model.module.lipschitz_bound()
     loss = training_loss(config.loss, logits, y, lipschitz=bound, eps=config.margin_eps,
                          temperature=config.temperature, alpha=config.hkr_alpha,
                          min_margin=config.min_margin)
@@ -127,7 +117,7 @@ def _training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: str) -> tuple[float, float]:
+def evaluate(model: nn.Module, batches, device: str | torch.device) -> tuple[float, float]:
     """Mean loss and accuracy (per token for text) over the evaluation batches."""
     model.eval()
     total_loss = total_correct = total = 0.0
@@ -144,17 +134,19 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     """Train one model.
 
     A non-finite loss stops training with the weights of the last finite evaluation and a
-    ``status`` that says so; the caller saves that checkpoint and exits non-zero.
+    ``status`` that says so; the caller saves that checkpoint and exits non-zero. Under
+    torchrun the ranks share each global batch through DistributedDataParallel
+    (``lipcert.ddp``) and all return the same weights.
     """
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise LipcertError("--device cuda was asked for, but torch sees no CUDA device")
+    device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir)
     vocab = data.vocab_size if isinstance(data, TextDataset) else 0
     if isinstance(data, ImageDataset):
         c, h, _ = data.input_shape
         config = _with_image_shape(config, c, h, data.num_classes)
     torch.manual_seed(config.seed)
-    model = build_model(config.model_config(vocab_size=vocab)).to(config.device)
+    model = build_model(config.model_config(vocab_size=vocab)).to(device)
+    parallel = DataParallel(model, device)
     optimizers = build_optimizers(model, config)
     base_lrs = [[g["lr"] for g in o.param_groups] for o in optimizers]
     constraint = None
@@ -175,46 +167,49 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     status = "finished"
     start = time.perf_counter()
     model.train()
-    with _progress_bar(progress) as bar:
+    with _progress_bar(progress and parallel.world.main) as bar:
         task = bar.add_task(config.preset, total=config.steps, loss=math.nan, acc=math.nan)
         for step in range(config.steps):
-            factor = lr_factor(step, config, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            if config.max_time_s > 0:
+                elapsed = parallel.elapsed(elapsed)
+            factor = lr_factor(step, config, elapsed)
             if step and factor <= 0:
                 break  # max_time_s is spent
             for optimizer, lrs in zip(optimizers, base_lrs, strict=True):
                 for group, lr in zip(optimizer.param_groups, lrs, strict=True):
                     group["lr"] = lr * factor
-            x, y = (t.to(config.device) for t in batches.train_batch())
-            loss, correct, n = _training_loss(model, x, y, config)
-            if not torch.isfinite(loss):
+            x, y, share = parallel.shard(*batches.train_batch())
+            loss, correct, n = _training_loss(parallel, x.to(device), y.to(device), config)
+            total, correct, n = parallel.global_stats(loss, correct, n, share)
+            if not math.isfinite(total):
                 model.load_state_dict(last_good)
-                status = (f"stopped: loss became {loss.item()} at step {step}; kept the last "
+                status = (f"stopped: loss became {total} at step {step}; kept the last "
                           f"good weights (lower --lr/--adam-lr or tighten the constraint)")
                 break
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share if share != 1.0 else loss).backward()
             for optimizer in optimizers:
                 optimizer.step()
-            row = {"step": step + 1, "loss": loss.item(), "train_acc": correct / n,
+            row = {"step": step + 1, "loss": total, "train_acc": correct / n,
                    "lr": optimizers[0].param_groups[0]["lr"],
                    "elapsed_s": time.perf_counter() - start}
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                row["val_loss"], row["val_acc"] = evaluate(model, eval_set, config.device)
+                row["val_loss"], row["val_acc"] = evaluate(model, eval_set, device)
                 if math.isfinite(row["val_loss"]):
                     last_good = copy.deepcopy(model.state_dict())
             log.append(row)
             bar.update(task, advance=1, loss=row["loss"], acc=row.get("val_acc", row["train_acc"]))
 
     report = constraint.finalize() if constraint is not None else []
-    val_loss, val_acc = evaluate(model, eval_set, config.device)
+    val_loss, val_acc = evaluate(model, eval_set, device)
     metrics = {"val_loss": val_loss, "val_acc": val_acc,
                "train_time_s": time.perf_counter() - start, "steps": len(log)}
     if config.family == "lipschitz":
-        metrics["lipschitz_paper_formula"] = paper_lipschitz_bound(model)
+        metrics["lipschitz_paper_formula"] = model.lipschitz_bound()
     if config.family == "certified":
-        with torch.no_grad():
-            metrics["lipschitz_certified_formula"] = certified_lipschitz_bound(model).item()
+        metrics["lipschitz_certified_formula"] = model.lipschitz_bound(sigma_upper).item()
     return TrainResult(config, model.eval(), metrics, log, report, status)
 
 

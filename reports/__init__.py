@@ -4,8 +4,8 @@ HTML page, Markdown, CSV tables and PNG figures.
     from reports import build_report
     build_report(["runs/vit-mnist-lipschitz", "runs/vit-mnist-standard"], "report")
 
-Names are imported on first use, so that ``from reports import add_report_parser`` (the
-command line) does not load matplotlib, pandas and scipy.
+Names are imported on first use, so that ``import reports`` does not load matplotlib,
+pandas and scipy.
 """
 
 from __future__ import annotations
@@ -15,18 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from reports.build import BuiltReport, build_report, make_report
-    from reports.cli import add_report_parser, run_report_command
     from reports.runs import RunData, load_run, load_runs
     from reports.stats import clopper_pearson
 
 _EXPORTS = {
     "BuiltReport": "reports.build", "build_report": "reports.build",
-    "make_report": "reports.build", "add_report_parser": "reports.cli",
-    "run_report_command": "reports.cli", "RunData": "reports.runs", "load_run": "reports.runs",
+    "make_report": "reports.build", "RunData": "reports.runs", "load_run": "reports.runs",
     "load_runs": "reports.runs", "clopper_pearson": "reports.stats",
 }
-__all__ = ["BuiltReport", "RunData", "add_report_parser", "build_report", "clopper_pearson",
-           "load_run", "load_runs", "make_report", "run_report_command"]
+__all__ = ["BuiltReport", "RunData", "build_report", "clopper_pearson", "load_run",
+           "load_runs", "make_report"]
 
 
 def __getattr__(name: str) -> Any:

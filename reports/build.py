@@ -18,8 +18,6 @@ same inputs gives byte-identical files except for the one "Generated …" line o
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lipcert.atomic import atomic_directory
 from lipcert.errors import LipcertError
 from reports.figures import draw_all, model_colors
 from reports.fmt import NORM_LABEL
@@ -107,7 +106,8 @@ def make_report(run_dirs: list[str | Path], out_dir: str | Path, *,
     )
     tables = {"summary": summary, "robustness": robustness, "layers": content.layers,
               "samples": samples, "metadata": content.metadata, "inputs": content.inputs}
-    _write_atomically(out, content, tables)
+    with atomic_directory(out, f"the report to {out}") as tmp:
+        _write(tmp, content, tables)
     return BuiltReport(out, out / "report.html", summary)
 
 
@@ -149,24 +149,6 @@ def _check_out_dir(out: Path, runs: list[RunData]) -> None:
                            "replace it (choose a new or empty directory)")
 
 
-def _write_atomically(out: Path, content: ReportContent, tables: dict[str, pd.DataFrame]
-                      ) -> None:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as err:
-        raise LipcertError(f"cannot write the report to {out}: {err.strerror}") from err
-    try:
-        _write(tmp, content, tables)
-        _replace(tmp, out)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LipcertError(f"cannot write the report to {out}: {err}") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _write(root: Path, content: ReportContent, tables: dict[str, pd.DataFrame]) -> None:
     (root / "figures").mkdir()
     (root / "tables").mkdir()
@@ -179,19 +161,3 @@ def _write(root: Path, content: ReportContent, tables: dict[str, pd.DataFrame]) 
     (root / "report.md").write_text(render_markdown(content), encoding="utf-8")
     (root / MARKER).write_text("lipcert report directory (safe to replace by "
                                "`lipcert report`)\n", encoding="utf-8")
-    os.chmod(root, 0o755)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -104,17 +104,11 @@ def summary_text(summary: pd.DataFrame) -> str:
     in %; quantities that no model has are left out)."""
     cells = summary_cells(summary)
     labels = [c + (" (%)" if _is_accuracy(c) else "") for c in summary.columns]
-    width = max(len(x) for x in labels)
-    widths = [max(len(v) for v in row) for row in cells]
-    lines: list[str] = []
-    for i, label in enumerate(labels):
-        if i and all(row[i] in ("", "—") for row in cells):
-            continue
-        values = [row[i].rjust(w) for row, w in zip(cells, widths, strict=True)]
-        lines.append(f"{label:<{width}}  " + "  ".join(values))
-        if i == 0:
-            lines.append("-" * len(lines[0]))
-    return "\n".join(lines)
+    rows = [[label, *(row[i] for row in cells)] for i, label in enumerate(labels)
+            if i and any(row[i] not in ("", "—") for row in cells)]
+    return pd.DataFrame(rows).to_markdown(
+        index=False, headers=[labels[0], *(row[0] for row in cells)], tablefmt="simple",
+        disable_numparse=True, colalign=("left", *("right",) * len(cells)))
 
 
 # HTML -----------------------------------------------------------------------------------
@@ -276,14 +270,15 @@ def _md_escape(text: str) -> str:
 
 def _md_table(df: pd.DataFrame, cells: list[list[str]] | None = None,
               header: list[str] | None = None) -> str:
+    """``df`` as a Markdown (pipe) table of ``cells`` (default: each value through ``cell``)
+    under ``header`` (default: the column names)."""
     if df.empty:
         return "(nothing to show)"
     header = header or [str(c) for c in df.columns]
     cells = cells or [[cell(v) for v in rec] for rec in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in cells]
-    return "\n".join(lines)
+    text = pd.DataFrame([[_md_escape(v) for v in row] for row in cells])
+    return text.to_markdown(index=False, headers=[_md_escape(h) for h in header],
+                            disable_numparse=True)
 
 
 def render_markdown(c: ReportContent) -> str:

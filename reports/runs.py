@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from safetensors import SafetensorError, safe_open
 
+from lipcert.certificate import Certificate
 from lipcert.errors import LipcertError
 
 __all__ = ["ATTACK_COLUMNS", "CertificateData", "RunData", "load_run", "load_runs"]
@@ -141,13 +142,13 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
 def _load_certificates(run: RunData) -> None:
     for mode, filename in CERTIFICATE_FILES.items():
         if (run.path / filename).is_file():
-            cert = read_certificate(run.path / filename, mode)
+            cert = read_certificate(run.path / filename)
             if cert.mode != mode:
                 run.warnings.append(f"{filename} says its mode is {cert.mode!r}")
             run.certificates.setdefault(cert.mode, cert)
     generic = run.path / GENERIC_CERTIFICATE
     if generic.is_file():
-        cert = read_certificate(generic, None)
+        cert = read_certificate(generic)
         if cert.mode in run.certificates:
             run.warnings.append(f"{GENERIC_CERTIFICATE} ignored: "
                                 f"{CERTIFICATE_FILES.get(cert.mode, cert.mode)} is used instead")
@@ -178,79 +179,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     return document
 
 
-def number(value: Any, where: str) -> float:
-    """A JSON number, or ``"inf"``/``"-inf"``/``"nan"`` as written for non-finite values;
-    ``None`` → NaN."""
-    if value is None:
-        return math.nan
-    if isinstance(value, bool):
-        raise LipcertError(f"{where}: expected a number, found {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", "nan",
-                                                             "infinity", "-infinity"):
-        return float(value.strip().lower())
-    raise LipcertError(f"{where}: expected a number, found {value!r}")
-
-
-def read_certificate(path: Path, mode: str | None) -> CertificateData:
-    """Parse and validate a certificate JSON (``mode`` is the one its file name implies)."""
-    doc = _read_json(path)
-    lipschitz = doc.get("lipschitz")
-    if not isinstance(lipschitz, dict) or "upper" not in lipschitz:
-        raise LipcertError(f"{path} is not a lipcert certificate: no 'lipschitz.upper'")
-    mode = str(doc.get("mode") or mode or "global")
-    layers = doc.get("layers") or []
-    samples = doc.get("samples") or []
-    if not isinstance(layers, list) or not isinstance(samples, list):
-        raise LipcertError(f"{path}: 'layers' and 'samples' must be lists")
-    layer_rows = []
-    for k, layer in enumerate(layers):
-        if not isinstance(layer, dict) or "name" not in layer or "upper" not in layer:
-            raise LipcertError(f"{path}: layer {k} is malformed (needs name and upper)")
-        layer_rows.append({
-            "layer": str(layer["name"]), "kind_of_layer": str(layer.get("kind_of_layer", "")),
-            "upper": number(layer["upper"], f"{path}: layer {layer['name']}"),
-            "kind": str(layer.get("kind", "upper")),
-            "params": int(layer.get("params") or 0),
-        })
-    sample_rows = []
-    for k, sample in enumerate(samples):
-        try:
-            row = {c: sample.get(c) for c in _SAMPLE_COLUMNS}
-            row["index"], row["label"] = int(sample["index"]), int(sample["label"])
-            row["pred"] = int(sample["pred"]) if sample.get("pred") is not None else -1
-            for c in ("margin", "radius_l2", "radius_linf", "lipschitz"):
-                row[c] = number(sample.get(c), f"{path}: sample {k} {c}")
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise LipcertError(f"{path}: sample {k} is malformed (needs index, label, "
-                               f"radius_l2): {err!r}") from err
-        if not row["radius_l2"] >= 0:
-            raise LipcertError(f"{path}: sample {row['index']} has radius {row['radius_l2']}")
-        sample_rows.append(row)
-    accuracy = []
-    for row in doc.get("certified_accuracy") or []:
-        try:
-            accuracy.append((number(row["eps"], f"{path}: certified_accuracy eps"),
-                             number(row["accuracy"], f"{path}: certified_accuracy")))
-        except (KeyError, TypeError) as err:
-            raise LipcertError(f"{path}: malformed certified_accuracy row {row!r}") from err
-    model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
-    where = f"{path}: lipschitz"
+def read_certificate(path: Path) -> CertificateData:
+    """Read and validate a certificate JSON (``lipcert.certificate.Certificate.load``) and
+    tabulate it."""
+    cert = Certificate.load(path)
+    layers = pd.DataFrame([(r.name, r.kind_of_layer, r.upper, r.kind, r.params)
+                           for r in cert.layers],
+                          columns=["layer", "kind_of_layer", "upper", "kind", "params"])
+    samples = pd.DataFrame([[getattr(s, c) for c in _SAMPLE_COLUMNS] for s in cert.samples],
+                           columns=_SAMPLE_COLUMNS)
     return CertificateData(
-        path=path, mode=mode, method=str(doc.get("method", "")),
-        upper=number(lipschitz.get("upper"), where + ".upper"),
-        lower=number(lipschitz.get("lower"), where + ".lower"),
-        lower_method=str(lipschitz.get("lower_method") or ""),
-        input_elements=int(doc["input_elements"]) if doc.get("input_elements") else None,
-        layers=pd.DataFrame(layer_rows, columns=["layer", "kind_of_layer", "upper", "kind",
-                                                 "params"]),
-        samples=pd.DataFrame(sample_rows, columns=_SAMPLE_COLUMNS),
-        certified_accuracy=accuracy,
-        radius_convention=str(doc.get("radius_convention", "")),
-        weights_sha256=model.get("weights_sha256"),
-        versions={str(k): str(v) for k, v in (doc.get("versions") or {}).items()},
-        data=doc.get("data") if isinstance(doc.get("data"), dict) else {},
+        path=path, mode=cert.mode, method=cert.method, upper=cert.lipschitz_upper,
+        lower=math.nan if cert.lipschitz_lower is None else cert.lipschitz_lower,
+        lower_method=cert.lower_method or "", input_elements=cert.input_elements,
+        layers=layers, samples=samples,
+        certified_accuracy=[(row["eps"], row["accuracy"]) for row in cert.certified_accuracy],
+        radius_convention=cert.radius_convention, weights_sha256=cert.weights_sha256,
+        versions=dict(cert.versions or {}), data=dict(cert.data or {}),
     )
 
 
@@ -359,19 +304,15 @@ def _own_rows(df: pd.DataFrame, run: RunData, path: Path) -> pd.DataFrame:
 
 
 def _safetensors_params(path: Path) -> int | None:
-    """The number of parameters listed in a safetensors header (only the JSON header is read:
-    safe, and cheap for any file size)."""
+    """The number of parameters listed in a safetensors file's header (only the header is
+    read: safe, and cheap for any file size); None for a missing or unreadable file."""
     if not path.is_file():
         return None
     try:
-        with open(path, "rb") as f:
-            size = struct.unpack("<Q", f.read(8))[0]
-            if size > 100_000_000:
-                return None
-            header = json.loads(f.read(size))
-        return int(sum(math.prod(v["shape"]) for k, v in header.items()
-                       if k != "__metadata__"))
-    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError):
+        with safe_open(path, framework="pt") as f:
+            names = f.keys()  # safe_open is not iterable
+            return sum(math.prod(f.get_slice(name).get_shape()) for name in names)
+    except (OSError, SafetensorError):
         return None
 
 

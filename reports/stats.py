@@ -1,7 +1,7 @@
 """The numbers behind the report: per-sample radii against found perturbations, certified and
 robust accuracy with 95% Clopper–Pearson intervals, and soundness violations.
 
-Conventions (DESIGN.md):
+Conventions (docs/conventions.md):
 
 * certified accuracy at ε is the fraction of samples whose certified radius r satisfies
   r > ε (misclassified samples have r = 0). Where a sample has several sound radii (global,

@@ -114,17 +114,15 @@ def accuracy_grid(robustness: pd.DataFrame, norm: str) -> pd.DataFrame:
     r = robustness[robustness["norm"] == norm]
     if r.empty:
         return pd.DataFrame()
-    eps = sorted(r["eps"].unique())
-    rows = []
-    for (model, source), g in r.groupby(["model", "source"], sort=False):
-        row = {"model": model, "source": source, "n": int(g["n"].max())}
-        for e in eps:
-            hit = g[g["eps"] == e]
-            row[f"ε={eps_text(e)}"] = "" if hit.empty else (
-                f"{pct(hit['accuracy'].iloc[0])} [{pct(hit['ci_low'].iloc[0])}, "
-                f"{pct(hit['ci_high'].iloc[0])}]")
-        rows.append(row)
-    return pd.DataFrame(rows)
+    keys = ["model", "source"]
+    text = r.assign(text=[f"{pct(a)} [{pct(lo)}, {pct(hi)}]" for a, lo, hi in
+                          zip(r["accuracy"], r["ci_low"], r["ci_high"], strict=True)])
+    grid = text.pivot_table(index=keys, columns="eps", values="text", aggfunc="first",
+                            sort=False)
+    grid = grid.reindex(columns=sorted(r["eps"].unique())).fillna("")
+    grid.columns = [f"ε={eps_text(e)}" for e in grid.columns]
+    n = r.groupby(keys, sort=False)["n"].max().astype(int)
+    return pd.concat([n, grid], axis=1).reset_index()
 
 
 def layers_table(runs: list[RunData]) -> pd.DataFrame:

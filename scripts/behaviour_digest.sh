@@ -24,7 +24,8 @@ import hashlib, json, sys
 from pathlib import Path
 
 VARYING = {"seconds", "time", "timings", "versions", "elapsed", "created", "path", "model_path",
-           "wall_s", "elapsed_s", "lower", "lower_bound", "lower_seconds"}
+           "wall_s", "elapsed_s", "lower", "lower_bound", "lower_seconds",
+           "source", "ratio", "lower_search"}
 
 def scrub(x):
     if isinstance(x, dict):

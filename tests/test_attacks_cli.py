@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -12,23 +10,10 @@ import pytest
 import torch
 
 from attacks import COLUMNS, read_results
-from attacks.cli import add_attack_parser
 from lipcert.checkpoint import save_run
-from lipcert.errors import LipcertError
+from lipcert.cli import main as lipcert
 from lipcert.presets import preset
 from lipcert.train import train
-
-
-def lipcert(argv: list[str]) -> int:
-    """What ``lipcert.cli.main`` does with the attack subcommand."""
-    parser = argparse.ArgumentParser(prog="lipcert")
-    add_attack_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except LipcertError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +32,20 @@ def _sha(run: Path) -> str:
 
 
 def _certificate(path: Path, run: Path, radius: float, n: int = 24) -> Path:
+    """A planted certificate for ``run``: every one of the first ``n`` test images claimed
+    at ``radius``, whatever the model does there."""
     from lipcert.data import load_dataset
 
     y = load_dataset("mnist").y_test[:n]
     samples = [{"index": i, "label": int(label), "pred": int(label), "margin": 1.0,
-                "radius_l2": radius, "radius_linf": radius / 28} for i, label in enumerate(y)]
-    path.write_text(json.dumps({"norm": "l2", "model": {"path": str(run),
-                                "weights_sha256": _sha(run)}, "samples": samples}))
+                "radius_l2": radius, "radius_linf": radius / 28, "lipschitz": 1.0}
+               for i, label in enumerate(y)]
+    path.write_text(json.dumps({
+        "norm": "l2", "radius_convention": "r = (z_y - max_{j!=y} z_j) / (sqrt(2) * L)",
+        "mode": "global", "method": "exact", "input_elements": 784,
+        "lipschitz": {"upper": 1.0, "lower": None, "ratio": None}, "layers": [],
+        "samples": samples, "certified_accuracy": [],
+        "model": {"source": str(run), "kind": "run", "weights_sha256": _sha(run)}}))
     return path
 
 
@@ -105,10 +97,8 @@ def test_audit_catches_a_planted_certificate_and_exits_non_zero(runs, tmp_path, 
 
 def test_radius_audit_passes_a_real_certificate_and_catches_a_planted_one(runs, tmp_path,
                                                                            capsys) -> None:
-    from lipcert.cli import main
-
     cert = tmp_path / "local.json"
-    assert main(["certify", str(runs["vit"]), "--data", "mnist", "--n", "24", "--mode",
+    assert lipcert(["certify", str(runs["vit"]), "--data", "mnist", "--n", "24", "--mode",
                  "local", "--no-lower", "-o", str(cert)]) == 0
     capsys.readouterr()
     audit_args = ["--audit-radius", "--audit-steps", "20", "--audit-restarts", "2"]

@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds import Propagator, as_program
+from lipcert.bounds import Propagator, as_program, layer_table
 from lipcert.bounds.rules.activation import GELU_MAX_SLOPE
-from lipcert.certificate import LastPosition, certify, embedding_domain
+from lipcert.certificate import certify
 from lipcert.models import EmbeddingSpaceGPT, ModelConfig, build_model
+from lipcert.models.adapters import LastPosition, embedding_domain
 from lipcert.models.blocks import GELU_SLOPE_PAPER
 
 F64 = torch.float64
@@ -178,7 +179,7 @@ def hand_bound(model: nn.Module) -> float:
 
     Perturbations in the max-token norm (≤ whole-tensor L2); R = token norm bound:
     * patch embedding: max_i ‖W δ_i‖ ≤ σ(W_pe)‖δ‖; token ball: 1-Lipschitz, R = √d;
-    * attention (one head, DESIGN.md): σ_V(1 + 2R²c·σ_Q σ_K) with c = softmax_scale/d_head;
+    * attention (one head, docs/attention.md): σ_V(1 + 2R²c·σ_Q σ_K) with c = softmax_scale/d_head;
       H heads concatenated: × √H; then σ_O and the 1/3 output scale;
       output tokens: σ_O·√H·σ_V·R/3 (each head's output is a convex combination of values);
     * MLP: σ_down·σ_up·g/1.1289 with g = 1.12890415 the exact largest slope of GELU;
@@ -259,7 +260,7 @@ def test_select_is_pushed_before_rowwise_maps() -> None:
     assert torch.allclose(res.output.value, model(x).double(), rtol=1e-5, atol=1e-6)
     jn = _jacobian_norms(model, x)
     assert bool((jn <= res.lip).all())
-    rows = {r.name: r for r in prop.layer_table(prop.run((0.0, 1.0), sample_shape=(5, 4)))}
+    rows = {r.name: r for r in layer_table(prop, prop.run((0.0, 1.0), sample_shape=(5, 4)))}
     assert rows["lin"].upper == pytest.approx(_sigma(model.lin.weight), rel=1e-6)
 
 
@@ -267,16 +268,16 @@ def test_select_is_pushed_before_rowwise_maps() -> None:
 def test_layer_table_shortcut_equals_group_passes(name: str, monkeypatch) -> None:
     """The layer table reuses the model pass for a group whose outside inputs all have
     lip = lip_tok = 1; a full group pass must give the same numbers, bit for bit."""
-    propagate = importlib.import_module("lipcert.bounds.propagate")
+    layers = importlib.import_module("lipcert.bounds.layers")
     model, x, domain = _make(name)
     prop = Propagator(as_program(model, x[:2]))
     glob = prop.run(domain, sample_shape=tuple(x.shape[1:]))
-    fast = [(r.name, r.upper) for r in prop.layer_table(glob)]
+    fast = [(r.name, r.upper) for r in layer_table(prop, glob)]
     used = []
-    real = propagate._model_pass_is_group_pass
-    monkeypatch.setattr(propagate, "_model_pass_is_group_pass",
+    real = layers._model_pass_is_group_pass
+    monkeypatch.setattr(layers, "_model_pass_is_group_pass",
                         lambda *a: used.append(real(*a)) or False)
-    slow = [(r.name, r.upper) for r in prop.layer_table(glob)]
+    slow = [(r.name, r.upper) for r in layer_table(prop, glob)]
     assert fast == slow
     # the shortcut applies where a group reads the model input directly (the ViTs embed
     # patches first, so no group of theirs qualifies)

@@ -1,318 +1,75 @@
-"""Soundness of every bound rule: seeded random property tests plus gradient-ascent searches.
-
-Each case is a tiny random program over a random input set (a box per sample, and in local
-cases a ball around a centre inside it). The program runs twice: through the rules (bounds)
-and on float64 tensors (truth) at many points of the set. Checked, with tolerances at the
-level of float64 rounding only:
-
-* every output lies in [lo, hi]; its norm and largest row norm are ≤ norm and tok_norm;
-* ‖f(x) − f(y)‖/‖x − y‖ ≤ lip and max_row ‖Δrow‖/‖x − y‖ ≤ lip_tok for random pairs and for
-  pairs found by gradient ascent on that ratio;
-* the exact local Jacobian's spectral norm (and per-row block norms) ≤ lip (lip_tok);
-* in local mode the propagated centre value equals the program's output at the centre.
-"""
+"""Soundness of every bound rule: seeded random property tests plus gradient-ascent searches
+(the harness and what it checks: tests/rules_harness.py), and specific checks of single
+rules."""
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import torch
+from rules_harness import (
+    BoundCall,
+    Case,
+    Program,
+    check_rule,
+    maybe,
+    real_call,
+    ri,
+    weight,
+)
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from lipcert.bounds import (
     BatchMixingError,
-    Bound,
     BoxDomain,
     Const,
     Ctx,
     EmbeddingDomain,
     UnsupportedOpError,
-    apply_op,
     input_bound,
 )
 from lipcert.bounds.rules.activation import GELU_MAX_SLOPE
+from lipcert.bounds.rules.attention import mask_mass
 
 aten = torch.ops.aten
 F64 = torch.float64
-CASES = 200  # random cases per rule
-SEARCHED = 8  # of which this many also get a gradient-ascent search and exact Jacobians
-POINTS = 24  # random points per case and sample
-
-
-class FakeNode:
-    def __init__(self, name: str, target: Any) -> None:
-        self.name, self.target, self.meta, self.users = name, target, {}, {}
-
-
-class BoundCall:
-    """Runs a program through the rules."""
-
-    def __init__(self, ctx: Ctx) -> None:
-        self.ctx, self.k = ctx, 0
-
-    def __call__(self, target: Any, *args: Any, **kwargs: Any) -> Any:
-        self.k += 1
-        k = self.k
-
-        def wrap(a: Any) -> Any:
-            return Const(a, f"c{k}_{id(a)}") if isinstance(a, Tensor) else a
-
-        args, kwargs = tree_map(wrap, (args, kwargs))
-        self.ctx.node = FakeNode(f"n{k}", target)
-        return apply_op(self.ctx, target, args, kwargs)
-
-
-def real_call(target: Any, *args: Any, **kwargs: Any) -> Any:
-    return target(*args, **kwargs)
-
-
-Program = Callable[[Callable[..., Any], Any], Any]
-
-
-@dataclass
-class Case:
-    prog: Program
-    shape: tuple[int, ...]  # per sample
-    pos: bool = False  # inputs must be positive
-    width: float = 1.0
-    offset: float = 1.0
-
-
-# --------------------------------------------------------------------------- the harness
-
-
-def _rand_set(g: torch.Generator, case: Case, n: int, local: bool):
-    shape = (n, *case.shape)
-    mid = torch.randn(shape, generator=g, dtype=F64) * case.offset
-    w = (torch.rand(shape, generator=g, dtype=F64) * 0.95 + 0.05) * case.width
-    if torch.rand((), generator=g) < 0.2:  # some degenerate (thin) coordinates
-        w = w * (torch.rand(shape, generator=g, dtype=F64) < 0.7)
-    lo, hi = mid - w, mid + w
-    if case.pos:
-        lo, hi = lo.abs() + 0.2, hi.abs() + 0.2
-        lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
-    if not local:
-        return lo, hi, None, None
-    t = torch.rand(shape, generator=g, dtype=F64)
-    center = lo + t * (hi - lo)
-    r = torch.rand(n, generator=g, dtype=F64) * float(w.mean()) * 2
-    if torch.rand((), generator=g) < 0.15:
-        r = r * 0
-    return lo, hi, center, r
-
-
-def _project(x: Tensor, lo: Tensor, hi: Tensor, c: Tensor | None, r: Tensor | None) -> Tensor:
-    """Onto box ∩ ball (box, then towards the centre: stays in the box since c is in it)."""
-    x = torch.maximum(torch.minimum(x, hi), lo)
-    if c is None:
-        return x
-    d = x - c
-    nrm = d.flatten(1).norm(dim=1).clamp_min(1e-300)
-    f = torch.clamp(r / nrm, max=1.0).reshape(-1, *([1] * (x.dim() - 1)))
-    return torch.maximum(torch.minimum(c + d * f, hi), lo)
-
-
-def _sample(g, lo, hi, c, r, k):
-    """k points of the set of each sample, shape (k, n, ...)."""
-    P = k
-    n = lo.shape[0]
-    u = torch.rand((P, *lo.shape), generator=g, dtype=F64)
-    corner = torch.rand((P, 1, *([1] * (lo.dim() - 1))), generator=g) < 0.3
-    u = torch.where(corner, (u > 0.5).to(F64), u)
-    x = lo + u * (hi - lo)
-    if c is None:
-        return x
-    d = torch.randn((P, *lo.shape), generator=g, dtype=F64)
-    d = d / d.flatten(2).norm(dim=2).reshape(P, n, *([1] * (lo.dim() - 1))).clamp_min(1e-300)
-    rho = r.reshape(1, n, *([1] * (lo.dim() - 1))) * torch.rand(
-        (P, n, *([1] * (lo.dim() - 1))), generator=g, dtype=F64
-    ) ** (1 / 3)
-    pts = c + d * rho
-    return torch.stack([_project(p, lo, hi, c, r) for p in pts])
-
-
-def _run(prog: Program, x: Tensor) -> Tensor:
-    """The program on points x (P, n, ...) → outputs (P, n, ...)."""
-    P, n = x.shape[:2]
-    y = prog(real_call, x.reshape(P * n, *x.shape[2:]))
-    return y.reshape(P, n, *y.shape[1:])
-
-
-def _row_norms(d: Tensor) -> Tensor:
-    """Largest row (last dim) norm per (point, sample) of a (P, n, ...) tensor."""
-    if d.dim() == 2:
-        return d.abs()
-    r = d.norm(dim=-1)
-    return r.flatten(2).amax(-1) if r.dim() > 2 else r
-
-
-def _check_points(out: Bound, xs: Tensor, ys: Tensor, what: str) -> None:
-    tol_box = 1e-9 * (1 + torch.maximum(out.lo.abs(), out.hi.abs()))
-    lo, hi = out.lo.unsqueeze(0), out.hi.unsqueeze(0)
-    bad = (ys < lo - tol_box) | (ys > hi + tol_box)
-    assert not bool(bad.any()), f"{what}: output outside [lo, hi]"
-    norms = _flat(ys).norm(dim=2)
-    assert bool((norms <= out.norm * (1 + 1e-9) + 1e-9).all()), f"{what}: norm bound"
-    tok = _row_norms(ys)
-    assert bool((tok <= out.tok_norm * (1 + 1e-9) + 1e-9).all()), f"{what}: tok_norm bound"
-
-
-def _flat(y: Tensor) -> Tensor:
-    return y.reshape(y.shape[0], y.shape[1], -1)
-
-
-def _check_pairs(out: Bound, xa, xb, ya, yb, what: str) -> float:
-    dx = _flat(xa - xb).norm(dim=2)
-    dy = ya - yb
-    keep = dx > 1e-7
-    ratio = _flat(dy).norm(dim=2) / dx.clamp_min(1e-300)
-    scale = 1 + _flat(ya).norm(dim=2) + _flat(yb).norm(dim=2)
-    tol = 1e-9 * out.lip + 1e-11 * scale / dx.clamp_min(1e-300)
-    assert bool(((ratio <= out.lip + tol) | ~keep).all()), (
-        f"{what}: ratio {float(ratio[keep].max())} > lip {out.lip.tolist()}"
-    )
-    rt = _row_norms(dy) / dx.clamp_min(1e-300)
-    tol_t = 1e-9 * out.lip_tok + 1e-11 * scale / dx.clamp_min(1e-300)
-    assert bool(((rt <= out.lip_tok + tol_t) | ~keep).all()), (
-        f"{what}: row ratio {float(rt[keep].max())} > lip_tok {out.lip_tok.tolist()}"
-    )
-    return float((ratio / out.lip.clamp_min(1e-300))[keep].max()) if bool(keep.any()) else 0.0
-
-
-def _ascent(prog, out, lo, hi, c, r, x0, y0, steps=25):
-    """Gradient ascent on ‖f(x) − f(y)‖/‖x − y‖ and on the max row version."""
-    xa, xb = x0.clone(), y0.clone()
-    for step in range(steps):
-        xa.requires_grad_(True)
-        xb.requires_grad_(True)
-        ya, yb = _run(prog, xa), _run(prog, xb)
-        dx = _flat(xa - xb).norm(dim=2).clamp_min(1e-9)
-        obj = _flat(ya - yb).norm(dim=2) / dx + _row_norms(ya - yb) / dx
-        ga, gb = torch.autograd.grad(obj.sum(), (xa, xb), allow_unused=True)
-        size = 0.3 * (hi - lo).flatten(1).norm(dim=1).mean() * (0.85**step) + 1e-6
-        with torch.no_grad():
-            for x, gr in ((xa, ga), (xb, gb)):
-                if gr is None:
-                    continue
-                gn = _flat(gr).norm(dim=2).clamp_min(1e-300)
-                x += size * gr / gn.reshape(*gn.shape, *([1] * (x.dim() - 2)))
-            xa = torch.stack([_project(p, lo, hi, c, r) for p in xa.detach()])
-            xb = torch.stack([_project(p, lo, hi, c, r) for p in xb.detach()])
-    return xa.detach(), xb.detach()
-
-
-def _jacobian_check(prog, out: Bound, x: Tensor, what: str) -> None:
-    """Exact Jacobians at points x (P, n, ...): spectral norm ≤ lip, row blocks ≤ lip_tok."""
-    P, n = x.shape[:2]
-    flat = x.reshape(P * n, *x.shape[2:]).clone().requires_grad_(True)
-    y = prog(real_call, flat)
-    ysum = y.sum(0).reshape(-1)
-    rows = []
-    for i in range(ysum.numel()):
-        (gi,) = torch.autograd.grad(ysum[i], flat, retain_graph=True, allow_unused=True)
-        rows.append(torch.zeros_like(flat) if gi is None else gi)
-    J = torch.stack(rows, 1).reshape(P, n, ysum.numel(), -1)  # (P, n, out, in)
-    sn = torch.linalg.matrix_norm(J, ord=2)
-    assert bool((sn <= out.lip * (1 + 1e-9) + 1e-10).all()), (
-        f"{what}: Jacobian norm {float(sn.max())} > lip {out.lip.tolist()}"
-    )
-    last = y.shape[-1] if y.dim() > 1 else 1
-    Jr = J.reshape(P, n, -1, last, J.shape[-1])
-    rn = torch.linalg.matrix_norm(Jr, ord=2).amax(-1)
-    assert bool((rn <= out.lip_tok * (1 + 1e-9) + 1e-10).all()), (
-        f"{what}: row Jacobian {float(rn.max())} > lip_tok {out.lip_tok.tolist()}"
-    )
-
-
-def check_rule(make: Callable[[torch.Generator], Case], seed: int, cases: int = CASES) -> None:
-    g = torch.Generator().manual_seed(seed)
-    worst = 0.0
-    for i in range(cases):
-        case = make(g)
-        n = 1 if torch.rand((), generator=g) < 0.6 else 2
-        local = bool(torch.rand((), generator=g) < 0.5)
-        lo, hi, c, r = _rand_set(g, case, n, local)
-        ctx = Ctx(n, radius=r)
-        zb = input_bound(ctx, BoxDomain(-math.inf, math.inf), lo.shape, c, box=(lo, hi))
-        out = case.prog(BoundCall(ctx), zb)
-        assert isinstance(out, Bound)
-        what = f"seed {seed} case {i} ({'local' if local else 'global'}, n={n})"
-        if local:
-            yc = case.prog(real_call, c)
-            assert torch.allclose(out.value, yc, rtol=1e-9, atol=1e-9), f"{what}: value"
-        xs = _sample(g, lo, hi, c, r, POINTS)
-        ys = _run(case.prog, xs)
-        assert ys.shape[1:] == out.shape, f"{what}: shape {ys.shape} vs {out.shape}"
-        _check_points(out, xs, ys, what)
-        half = POINTS // 2
-        worst = max(worst, _check_pairs(out, xs[:half], xs[half:], ys[:half], ys[half:], what))
-        near = _project_all(xs[:half] + 1e-3 * torch.randn(xs[:half].shape, generator=g,
-                                                           dtype=F64), lo, hi, c, r)
-        worst = max(worst, _check_pairs(out, xs[:half], near, ys[:half],
-                                        _run(case.prog, near), what))
-        if i < SEARCHED:
-            xa, xb = _ascent(case.prog, out, lo, hi, c, r, xs[:6], xs[6:12])
-            ya, yb = _run(case.prog, xa), _run(case.prog, xb)
-            _check_points(out, xa, ya, what + " ascent")
-            worst = max(worst, _check_pairs(out, xa, xb, ya, yb, what + " ascent"))
-            _jacobian_check(case.prog, out, torch.cat([xs[:4], xa[:2]]), what)
-    assert worst <= 1 + 1e-6
-
-
-def _project_all(x, lo, hi, c, r):
-    return torch.stack([_project(p, lo, hi, c, r) for p in x])
+SEED = 1000  # + the index of a RULE_CASES entry
 
 
 # --------------------------------------------------------------------------- programs
 
 
-def _ri(g, lo, hi):
-    return int(torch.randint(lo, hi + 1, (), generator=g))
-
-
-def _w(g, o, i, scale=1.0):
-    return torch.randn(o, i, generator=g, dtype=F64) * scale / math.sqrt(i)
-
-
-def _maybe(g, p=0.5):
-    return bool(torch.rand((), generator=g) < p)
-
-
 def case_linear(g):
-    t, i, o = _ri(g, 1, 3), _ri(g, 1, 5), _ri(g, 1, 5)
-    W = _w(g, o, i, 2.0)
-    b = torch.randn(o, generator=g, dtype=F64) if _maybe(g) else None
+    t, i, o = ri(g, 1, 3), ri(g, 1, 5), ri(g, 1, 5)
+    W = weight(g, o, i, 2.0)
+    b = torch.randn(o, generator=g, dtype=F64) if maybe(g) else None
     return Case(lambda call, z: call(aten.linear.default, z, W, b), (t, i))
 
 
 def case_matmul_const(g):
-    k, m, t = _ri(g, 1, 4), _ri(g, 1, 4), _ri(g, 1, 3)
-    kind = _ri(g, 0, 3)
+    k, m, t = ri(g, 1, 4), ri(g, 1, 4), ri(g, 1, 3)
+    kind = ri(g, 0, 3)
     if kind == 0:  # x @ W
-        W = _w(g, k, m, 2.0)
+        W = weight(g, k, m, 2.0)
         return Case(lambda call, z: call(aten.matmul.default, z, W), (t, k))
     if kind == 1:  # A @ x (columns)
-        A = _w(g, t + 1, t, 2.0)
+        A = weight(g, t + 1, t, 2.0)
         return Case(lambda call, z: call(aten.matmul.default, A, z), (t, k))
     if kind == 2:  # addmm on 2-D
-        W, bias = _w(g, k, m), torch.randn(m, generator=g, dtype=F64)
+        W, bias = weight(g, k, m), torch.randn(m, generator=g, dtype=F64)
         return Case(lambda call, z: call(aten.addmm.default, bias, z, W, beta=0.5, alpha=2.0),
                     (k,))
-    W = _w(g, k, m)  # vector @ matrix on 2-D input via mm
+    W = weight(g, k, m)  # vector @ matrix on 2-D input via mm
     return Case(lambda call, z: call(aten.mm.default, z, W), (k,))
 
 
 def case_matmul_two(g):
-    t, d, k = _ri(g, 1, 3), _ri(g, 1, 4), _ri(g, 1, 3)
-    W1, W2 = _w(g, k, d), _w(g, k, d)
-    op = aten.bmm.default if _maybe(g) else aten.matmul.default
-    add_bias = _maybe(g, 0.3)
+    t, d, k = ri(g, 1, 3), ri(g, 1, 4), ri(g, 1, 3)
+    W1, W2 = weight(g, k, d), weight(g, k, d)
+    op = aten.bmm.default if maybe(g) else aten.matmul.default
+    add_bias = maybe(g, 0.3)
     bias = torch.randn(t, t, generator=g, dtype=F64)
 
     def prog(call, z):
@@ -327,25 +84,25 @@ def case_matmul_two(g):
 
 
 def case_conv(g):
-    c_in, c_out = _ri(g, 1, 2), _ri(g, 1, 3)
+    c_in, c_out = ri(g, 1, 2), ri(g, 1, 3)
     groups = 1
-    if c_in == 2 and c_out % 2 == 0 and _maybe(g):
+    if c_in == 2 and c_out % 2 == 0 and maybe(g):
         groups = 2
-    if _maybe(g, 0.3):  # conv1d
-        L, k = _ri(g, 2, 6), _ri(g, 1, 3)
+    if maybe(g, 0.3):  # conv1d
+        L, k = ri(g, 2, 6), ri(g, 1, 3)
         W = torch.randn(c_out, c_in // groups, k, generator=g, dtype=F64)
-        s, p, d = _ri(g, 1, 2), _ri(g, 0, 1), _ri(g, 1, 2)
+        s, p, d = ri(g, 1, 2), ri(g, 0, 1), ri(g, 1, 2)
         if (L + 2 * p - d * (k - 1) - 1) < 0:
             p = k
         return Case(lambda call, z: call(aten.conv1d.default, z, W, None, [s], [p], [d], groups),
                     (c_in, L))
-    H, Wd, k = _ri(g, 2, 5), _ri(g, 2, 5), _ri(g, 1, 3)
+    H, Wd, k = ri(g, 2, 5), ri(g, 2, 5), ri(g, 1, 3)
     W = torch.randn(c_out, c_in // groups, k, k, generator=g, dtype=F64)
-    b = torch.randn(c_out, generator=g, dtype=F64) if _maybe(g) else None
-    s, p, d = _ri(g, 1, 2), _ri(g, 0, 1), _ri(g, 1, 2)
+    b = torch.randn(c_out, generator=g, dtype=F64) if maybe(g) else None
+    s, p, d = ri(g, 1, 2), ri(g, 0, 1), ri(g, 1, 2)
     if min(H, Wd) + 2 * p - d * (k - 1) - 1 < 0:
         p = d * (k - 1)
-    if _maybe(g, 0.3):
+    if maybe(g, 0.3):
         return Case(lambda call, z: call(aten.convolution.default, z, W, b, [s, s], [p, p],
                                          [d, d], False, [0, 0], groups), (c_in, H, Wd))
     return Case(lambda call, z: call(aten.conv2d.default, z, W, b, [s, s], [p, p], [d, d], groups),
@@ -353,13 +110,13 @@ def case_conv(g):
 
 
 def case_layer_norm(g):
-    t, d = _ri(g, 1, 3), _ri(g, 2, 5)
-    two = _maybe(g, 0.25)
+    t, d = ri(g, 1, 3), ri(g, 2, 5)
+    two = maybe(g, 0.25)
     shape = [t, d] if two else [d]
-    gamma = torch.randn(shape, generator=g, dtype=F64) if _maybe(g) else None
-    beta = torch.randn(shape, generator=g, dtype=F64) if _maybe(g) else None
+    gamma = torch.randn(shape, generator=g, dtype=F64) if maybe(g) else None
+    beta = torch.randn(shape, generator=g, dtype=F64) if maybe(g) else None
     eps = float(10 ** torch.empty(()).uniform_(-3, 0, generator=g))
-    native = _maybe(g)
+    native = maybe(g)
 
     def prog(call, z):
         if native:
@@ -372,20 +129,20 @@ def case_layer_norm(g):
 
 
 def case_rms_norm(g):
-    t, d = _ri(g, 1, 3), _ri(g, 1, 5)
-    w = torch.randn(d, generator=g, dtype=F64) if _maybe(g) else None
+    t, d = ri(g, 1, 3), ri(g, 1, 5)
+    w = torch.randn(d, generator=g, dtype=F64) if maybe(g) else None
     eps = float(10 ** torch.empty(()).uniform_(-3, 0, generator=g))
     return Case(lambda call, z: call(aten.rms_norm.default, z, [d], w, eps), (t, d), offset=2.0,
                 width=0.6)
 
 
 def case_batch_norm(g):
-    c, h = _ri(g, 1, 3), _ri(g, 1, 3)
+    c, h = ri(g, 1, 3), ri(g, 1, 3)
     mean = torch.randn(c, generator=g, dtype=F64)
     var = torch.rand(c, generator=g, dtype=F64) + 0.05
-    w = torch.randn(c, generator=g, dtype=F64) if _maybe(g) else None
-    b = torch.randn(c, generator=g, dtype=F64) if _maybe(g) else None
-    if _maybe(g):
+    w = torch.randn(c, generator=g, dtype=F64) if maybe(g) else None
+    b = torch.randn(c, generator=g, dtype=F64) if maybe(g) else None
+    if maybe(g):
         return Case(lambda call, z: call(aten.batch_norm.default, z, w, b, mean, var, False, 0.1,
                                          1e-5, False), (c, h, 2))
 
@@ -398,24 +155,29 @@ def case_batch_norm(g):
 
 
 def case_sdpa(g):
-    t, h, dh = _ri(g, 1, 4), _ri(g, 1, 2), _ri(g, 1, 3)
+    t, h, dh = ri(g, 1, 4), ri(g, 1, 2), ri(g, 1, 3)
     d = h * dh
-    kv = _ri(g, 0, 2)  # 0: one k/v head per query head, 1: shared (broadcast), 2: GQA
+    kv = ri(g, 0, 2)  # 0: one k/v head per query head, 1: shared (broadcast), 2: GQA
     if kv and h == 1:
         h, d = 2, 2 * dh
     hk = h if kv == 0 else 1
-    Wq = _w(g, d, d, 1.5)
-    Wk, Wv = (_w(g, hk * dh, d, 1.5) for _ in range(2))
-    bq = torch.randn(d, generator=g, dtype=F64) if _maybe(g) else None
-    causal = _maybe(g)
-    scale = None if _maybe(g) else float(torch.rand((), generator=g)) * 3
+    Wq = weight(g, d, d, 1.5)
+    Wk, Wv = (weight(g, hk * dh, d, 1.5) for _ in range(2))
+    bq = torch.randn(d, generator=g, dtype=F64) if maybe(g) else None
+    causal = maybe(g)
+    scale = None if maybe(g) else float(torch.rand((), generator=g)) * 3
     mask = None
-    if not causal and _maybe(g, 0.3):
-        if _maybe(g):
+    if not causal and maybe(g, 0.4):
+        kind = ri(g, 0, 2)
+        if kind == 0:  # boolean; rows with every key masked give zeros
             mask = torch.rand(t, t, generator=g) < 0.7
-            mask[:, 0] = True
-        else:
+            if maybe(g, 0.7):
+                mask[:, 0] = True
+        elif kind == 1:  # additive
             mask = torch.randn(t, t, generator=g, dtype=F64)
+        else:  # additive with −inf entries, broadcast over heads, possibly whole rows
+            mask = torch.randn(1, t, t, generator=g, dtype=F64)
+            mask = mask.masked_fill(torch.rand(1, t, t, generator=g) < 0.4, -math.inf)
 
     def prog(call, z):
         B = z.shape[0]
@@ -437,9 +199,9 @@ def case_sdpa(g):
 
 
 def case_softmax(g):
-    t, d = _ri(g, 1, 3), _ri(g, 1, 5)
-    W = _w(g, d, d, 3.0)
-    dim = _ri(g, 1, 2)
+    t, d = ri(g, 1, 3), ri(g, 1, 5)
+    W = weight(g, d, d, 3.0)
+    dim = ri(g, 1, 2)
 
     def prog(call, z):
         y = call(aten.linear.default, z, W)
@@ -447,7 +209,7 @@ def case_softmax(g):
             return call(aten._softmax.default, y, dim, False)
         return call(aten.softmax.int, y, -1)
 
-    _flip = [_maybe(g)]
+    _flip = [maybe(g)]
     return Case(prog, (t, d))
 
 
@@ -482,11 +244,11 @@ def make_pointwise(name):
     fn, pos = _POINTWISE[name]
 
     def make(g):
-        t, d = _ri(g, 1, 3), _ri(g, 1, 4)
-        if pos or _maybe(g, 0.4):
+        t, d = ri(g, 1, 3), ri(g, 1, 4)
+        if pos or maybe(g, 0.4):
             return Case(fn, (t, d), pos=pos, offset=2.0, width=float(
                 torch.empty(()).uniform_(0.1, 2.0, generator=g)))
-        W = _w(g, d, d, 2.0)
+        W = weight(g, d, d, 2.0)
 
         def prog(call, z):  # correlated inputs through a linear layer
             return fn(call, call(aten.linear.default, z, W))
@@ -497,14 +259,18 @@ def make_pointwise(name):
 
 
 def case_arith(g):
-    t, d = _ri(g, 1, 3), _ri(g, 1, 4)
-    W1, W2 = _w(g, d, d), _w(g, d, d)
+    t, d = ri(g, 1, 3), ri(g, 1, 4)
+    W1, W2 = weight(g, d, d), weight(g, d, d)
     c = torch.randn(d, generator=g, dtype=F64)
-    kind = _ri(g, 0, 7)
+    kind = ri(g, 0, 9)
 
     def prog(call, z):
         a = call(aten.linear.default, z, W1)
         b = call(aten.linear.default, z, W2)
+        if kind == 8:  # SwiGLU: silu(a)·b, a product of activations
+            return call(aten.mul.Tensor, call(aten.silu.default, a), b)
+        if kind == 9:  # a tensor times itself is its square
+            return call(aten.mul.Tensor, a, a)
         if kind == 0:
             return call(aten.add.Tensor, a, b, alpha=-0.5)
         if kind == 1:
@@ -527,11 +293,11 @@ def case_arith(g):
 
 
 def case_reduce(g):
-    shape = tuple(_ri(g, 1, 3) for _ in range(_ri(g, 1, 3)))
-    dims = [i + 1 for i in range(len(shape)) if _maybe(g)] or [len(shape)]
-    keep = _maybe(g)
-    op = aten.mean.dim if _maybe(g) else aten.sum.dim_IntList
-    W = _w(g, shape[-1], shape[-1])
+    shape = tuple(ri(g, 1, 3) for _ in range(ri(g, 1, 3)))
+    dims = [i + 1 for i in range(len(shape)) if maybe(g)] or [len(shape)]
+    keep = maybe(g)
+    op = aten.mean.dim if maybe(g) else aten.sum.dim_IntList
+    W = weight(g, shape[-1], shape[-1])
 
     def prog(call, z):
         y = call(aten.linear.default, z, W)
@@ -542,11 +308,11 @@ def case_reduce(g):
 
 def case_shape(g):
     """One random shape op after an optional expand (lip_tok < lip) and a linear layer."""
-    t, d = _ri(g, 1, 3), _ri(g, 1, 4)
-    rep = _ri(g, 1, 3)
-    W = _w(g, d, d)
-    W2 = _w(g, d, d)
-    kind = _ri(g, 0, 31)
+    t, d = ri(g, 1, 3), ri(g, 1, 4)
+    rep = ri(g, 1, 3)
+    W = weight(g, d, d)
+    W2 = weight(g, d, d)
+    kind = ri(g, 0, 31)
     idx = torch.randint(0, d, (d + 1,), generator=g)
 
     def prog(call, z):
@@ -626,14 +392,16 @@ def case_shape(g):
 
 
 def case_pool(g):
-    c, H, Wd = _ri(g, 1, 2), _ri(g, 2, 6), _ri(g, 2, 6)
-    k = _ri(g, 1, min(3, H, Wd))
-    s = _ri(g, 1, 3)
-    p = _ri(g, 0, k // 2)
-    kind = _ri(g, 0, 6)
-    ceil = _maybe(g)
+    c, H, Wd = ri(g, 1, 2), ri(g, 2, 6), ri(g, 2, 6)
+    k = ri(g, 1, min(3, H, Wd))
+    s = ri(g, 1, 3)
+    p = ri(g, 0, k // 2)
+    kind = ri(g, 0, 13)
+    ceil = maybe(g)
+    if kind >= 7:
+        return _pool_more(g, kind, c, k, s, p, ceil)
     if kind == 0:
-        d = _ri(g, 1, 2)
+        d = ri(g, 1, 2)
         if (k - 1) * d + 1 > min(H, Wd):
             d = 1
         return Case(lambda call, z: call(aten.max_pool2d.default, z, [k, k], [s, s], [p, p],
@@ -645,25 +413,199 @@ def case_pool(g):
 
         return Case(prog, (c, H, Wd))
     if kind == 2:
-        inc = _maybe(g)
+        inc = maybe(g)
         return Case(lambda call, z: call(aten.avg_pool2d.default, z, [k, k], [s, s], [p, p],
                                          ceil, inc), (c, H, Wd))
     if kind == 3:
-        o = [_ri(g, 1, H), _ri(g, 1, Wd)]
+        o = [ri(g, 1, H), ri(g, 1, Wd)]
         return Case(lambda call, z: call(aten.adaptive_avg_pool2d.default, z, o), (c, H, Wd))
     if kind == 4:
         return Case(lambda call, z: call(aten.max_pool1d.default, z, [k], [s], [p]), (c, H))
     if kind == 5:
         return Case(lambda call, z: call(aten.avg_pool1d.default, z, [k], [s], [p], ceil),
                     (c, H))
-    o1 = _ri(g, 1, H)
+    o1 = ri(g, 1, H)
     return Case(lambda call, z: call(aten.adaptive_avg_pool1d.default, z, [o1]), (c, H))
 
 
+def _pool_more(g, kind, c, k, s, p, ceil):
+    """The 1-D with-indices, 3-D and underscore variants of the pooling ops."""
+    D, H, Wd = (ri(g, k, 4) for _ in range(3))
+
+    def values(op, *args):
+        def prog(call, z):
+            return call(operator.getitem, call(op, z, *args), 0)
+
+        return prog
+
+    if kind == 7:
+        return Case(values(aten.max_pool1d_with_indices.default, [k], [s], [p]), (c, H))
+    if kind == 8:
+        return Case(lambda call, z: call(aten.max_pool3d.default, z, [k] * 3, [s] * 3, [p] * 3,
+                                         [1] * 3, ceil), (c, D, H, Wd))
+    if kind == 9:
+        return Case(values(aten.max_pool3d_with_indices.default, [k] * 3, [s] * 3, [p] * 3),
+                    (c, D, H, Wd))
+    if kind == 10:
+        inc = maybe(g)
+        return Case(lambda call, z: call(aten.avg_pool3d.default, z, [k] * 3, [s] * 3, [p] * 3,
+                                         ceil, inc), (c, D, H, Wd))
+    o = [ri(g, 1, D), ri(g, 1, H), ri(g, 1, Wd)]
+    if kind == 11:
+        return Case(lambda call, z: call(aten.adaptive_avg_pool3d.default, z, o), (c, D, H, Wd))
+    if kind == 12:
+        return Case(lambda call, z: call(aten._adaptive_avg_pool3d.default, z, o), (c, D, H, Wd))
+    return Case(lambda call, z: call(aten._adaptive_avg_pool2d.default, z, o[1:]), (c, H, Wd))
+
+
+def case_shape_more(g):
+    """More shape ops (the same generic rule), including concatenation with an empty
+    constant (a GPT-2's empty KV cache) and with an empty activation."""
+    t, d = ri(g, 1, 3), ri(g, 1, 4)
+    W, W2 = weight(g, d, d), weight(g, d, d)
+    kind = ri(g, 0, 8)
+    empty = torch.zeros(0, dtype=F64)
+
+    def prog(call, z):
+        B = z.shape[0]
+        y = call(aten.linear.default, z, W)  # (B, t, d)
+        y2 = call(aten.linear.default, z, W2)
+        if kind == 0:
+            return call(aten.concat.default, [y, y2], 1)
+        if kind == 1:  # stacks tokens: the batch moved out of dimension 0 and back
+            ys = [call(aten.transpose.int, a, 0, 1) for a in (y, y2)]
+            return call(aten.transpose.int, call(aten.vstack.default, ys), 0, 1)
+        if kind == 2:
+            parts = call(aten.split_with_sizes.default, y, [1, t - 1] if t > 1 else [1], 1)
+            return call(operator.getitem, parts, len(parts) - 1)
+        if kind == 3:
+            flat = call(aten.reshape.default, y, [B, t * d])
+            return call(aten.t.default, call(aten.t.default, flat))
+        if kind == 4:
+            return call(aten.view_copy.default, y, [B, d, t])
+        if kind == 5:
+            return call(aten._unsafe_view.default, y, [B, t * d])
+        if kind == 6:
+            return call(aten.cat.default, [empty, y, empty], -2)
+        if kind == 7:
+            none = call(aten.slice.Tensor, y2, 1, 0, 0)  # (B, 0, d)
+            return call(aten.cat.default, [none, y], 1)
+        parts = call(aten.tensor_split.indices, y, [1], -1)
+        return call(operator.getitem, parts, 0 if d == 1 else 1)
+
+    return Case(prog, (t, d))
+
+
+def case_identity(g):
+    """The ops that return their input (copies, aliases, float conversions, a metadata
+    assertion before a copy)."""
+    t, d = ri(g, 1, 3), ri(g, 1, 4)
+    W = weight(g, d, d, 2.0)
+    kind = ri(g, 0, 11)
+    other = torch.zeros(1, dtype=F64)
+
+    def prog(call, z):
+        y = call(aten.linear.default, z, W)
+        if kind == 0:
+            return call(aten.clone.default, y)
+        if kind == 1:
+            return call(aten.contiguous.default, y)
+        if kind == 2:
+            return call(aten.alias.default, y)
+        if kind == 3:
+            return call(aten.detach.default, y)
+        if kind == 4:
+            return call(aten.lift_fresh_copy.default, y)
+        if kind == 5:
+            return call(aten.lift_fresh.default, y)
+        if kind == 6:
+            return call(aten._to_copy.default, y, dtype=F64)
+        if kind == 7:
+            return call(aten.to.dtype, y, F64)
+        if kind == 8:
+            return call(aten.type_as.default, y, other)
+        if kind == 9:
+            return call(aten.alias_copy.default, y)
+        if kind == 10:
+            return call(aten.detach_copy.default, y)
+        call(aten._assert_tensor_metadata.default, y, dtype=F64)
+        return call(aten.clone.default, y)
+
+    return Case(prog, (t, d))
+
+
+def case_sizes(g):
+    """Shape queries of an activation, used to reshape it."""
+    t, d = ri(g, 1, 3), ri(g, 1, 4)
+    W = weight(g, d, d, 2.0)
+    kind = ri(g, 0, 5)
+
+    def prog(call, z):
+        B = z.shape[0]
+        y = call(aten.linear.default, z, W)  # (B, t, d), contiguous
+        if kind == 0:
+            return call(aten.reshape.default, y, [B, -1, call(aten.sym_size.int, y, 2)])
+        if kind == 1:
+            return call(aten.reshape.default, y, [B, call(aten.sym_numel.default, y) // B])
+        if kind == 2:
+            return call(aten.reshape.default, y, [B, call(aten.sym_stride.int, y, 0)])
+        if kind == 3:
+            return call(aten.reshape.default, y, [B, call(aten.size.int, y, 1), -1])
+        if kind == 4:
+            return call(aten.reshape.default, y, [B, call(aten.numel.default, y) // B])
+        return call(aten.flatten.using_ints, y, 1, call(aten.dim.default, y) - 1)
+
+    return Case(prog, (t, d))
+
+
+def case_like(g):
+    """Ops that use only an activation's shape (their results are constants)."""
+    t, d = ri(g, 1, 3), ri(g, 1, 4)
+    W = weight(g, d, d, 2.0)
+    kind = ri(g, 0, 7)
+
+    def prog(call, z):
+        y = call(aten.linear.default, z, W)
+        if kind == 0:
+            c = call(aten.zeros_like.default, y)
+        elif kind == 1:
+            c = call(aten.ones_like.default, y)
+        elif kind == 2:
+            c = call(aten.full_like.default, y, 0.5)
+        elif kind == 3:
+            c = call(aten.new_zeros.default, y, [d])
+        elif kind == 4:
+            c = call(aten.new_ones.default, y, [t, d])
+        elif kind == 5:
+            c = call(aten.new_full.default, y, [d], -1.5)
+        else:  # uninitialised values: only the shape is used
+            e = call(aten.empty_like.default, y) if kind == 6 else call(
+                aten.new_empty.default, y, list(y.shape))
+            return call(aten.reshape.default, y, list(e.shape))
+        return call(aten.add.Tensor, y, c)
+
+    return Case(prog, (t, d))
+
+
+def case_embedding_of_activation(g):
+    """A table lookup whose table is an activation (rows of each sample's own table)."""
+    t, d = ri(g, 1, 3), ri(g, 1, 4)
+    W = weight(g, d, d, 2.0)
+    local_idx = torch.randint(0, t, (ri(g, 1, 4),), generator=g)
+
+    def prog(call, z):
+        B = z.shape[0]
+        table = call(aten.reshape.default, call(aten.linear.default, z, W), [B * t, d])
+        idx = torch.arange(B).unsqueeze(1) * t + local_idx
+        return call(aten.embedding.default, table, idx)
+
+    return Case(prog, (t, d))
+
+
 def case_token_ball(g):
-    t, d = _ri(g, 1, 3), _ri(g, 1, 4)
+    t, d = ri(g, 1, 3), ri(g, 1, 4)
     rho = float(torch.rand((), generator=g)) * 2 + 0.1
-    W = _w(g, d, d, 2.0)
+    W = weight(g, d, d, 2.0)
 
     def prog(call, z):
         return call(torch.ops.lipcert.token_ball.default, call(aten.linear.default, z, W), rho)
@@ -672,8 +614,8 @@ def case_token_ball(g):
 
 
 def case_group_sort2(g):
-    t, d = _ri(g, 1, 3), 2 * _ri(g, 1, 3)
-    W = _w(g, d, d, 2.0)
+    t, d = ri(g, 1, 3), 2 * ri(g, 1, 3)
+    W = weight(g, d, d, 2.0)
 
     def prog(call, z):
         return call(torch.ops.lipcert.group_sort2.default, call(aten.linear.default, z, W))
@@ -682,9 +624,9 @@ def case_group_sort2(g):
 
 
 def case_vector_norm(g):
-    t, d = _ri(g, 1, 3), _ri(g, 1, 4)
-    keep = _maybe(g)
-    W = _w(g, d, d)
+    t, d = ri(g, 1, 3), ri(g, 1, 4)
+    keep = maybe(g)
+    W = weight(g, d, d)
 
     def prog(call, z):
         y = call(aten.linear.default, z, W)
@@ -706,6 +648,11 @@ RULE_CASES = {
     "arithmetic": case_arith,
     "mean_sum": case_reduce,
     "shape_ops": case_shape,
+    "shape_ops_more": case_shape_more,
+    "identity": case_identity,
+    "sizes": case_sizes,
+    "shape_only": case_like,
+    "embedding_of_activation": case_embedding_of_activation,
     "pooling": case_pool,
     "token_ball": case_token_ball,
     "group_sort2": case_group_sort2,
@@ -716,7 +663,8 @@ RULE_CASES = {
 
 @pytest.mark.parametrize("name", list(RULE_CASES))
 def test_rule_soundness(name: str) -> None:
-    check_rule(RULE_CASES[name], seed=1000 + list(RULE_CASES).index(name))
+    check_rule(RULE_CASES[name], seed=SEED + list(RULE_CASES).index(name),
+               record=(__name__, name))
 
 
 # --------------------------------------------------------------------------- specific checks
@@ -763,7 +711,7 @@ def _mha_prog(wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, t: int, h: int) ->
 
 
 def test_multihead_attention_forms() -> None:
-    """DESIGN.md: the engine certifies several heads with the proven √H form. The paper's
+    """docs/attention.md: the engine certifies several heads with the proven √H form. The paper's
     single form ‖W_O‖‖W_V‖(1 + 2R²‖A‖) (unproven for H > 1) is searched adversarially here:
     orthogonal W_V, W_O, large query scales (near one-hot attention), tokens in the ball of
     radius R = 1, gradient ascent on the max-token Lipschitz ratio. Both must hold."""
@@ -798,6 +746,21 @@ def test_multihead_attention_forms() -> None:
         assert best <= float(out.lip_tok) * (1 + 1e-9)
         worst_paper = max(worst_paper, best / paper)
     assert worst_paper <= 1.0, f"the paper's multi-head form is violated: {worst_paper}"
+
+
+def test_attention_mask_mass() -> None:
+    """κ₀² = max_j Σ_i softmax(mask)_ij: L/S without a mask, the harmonic number H_L for a
+    causal mask (column 0 is seen by every query i with weight 1/(i + 1)), and fully masked
+    rows are reported (torch returns zeros there)."""
+    assert mask_mass(None, False, 4, 6)[0] == pytest.approx(4 / 6, rel=1e-12)
+    mass, dead = mask_mass(None, True, 5, 5)
+    assert mass == pytest.approx(sum(1 / (i + 1) for i in range(5)), rel=1e-12) and dead is None
+    m = torch.ones(3, 3, dtype=torch.bool)
+    m[1] = False
+    mass, dead = mask_mass(Const(m), False, 3, 3)
+    assert mass == pytest.approx(2 / 3, rel=1e-12) and dead.tolist() == [False, True, False]
+    with pytest.raises(UnsupportedOpError, match="NaN"):
+        mask_mass(Const(torch.full((3, 3), math.nan)), False, 3, 3)
 
 
 def test_unsupported_op_message() -> None:

@@ -1,9 +1,11 @@
-"""Certificates: JSON layout, the radius convention, local bisection, PGD inside the balls."""
+"""Certificates: JSON layout and its round trip, the radius convention, local bisection, PGD
+inside the balls."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,12 +15,13 @@ from lipcert.bounds import Propagator
 from lipcert.certificate import (
     RADIUS_CONVENTION,
     Certificate,
-    LastPosition,
+    ModelIdentity,
     certify,
-    embedding_domain,
 )
+from lipcert.certificate_schema import KINDS
 from lipcert.errors import LipcertError
 from lipcert.models import EmbeddingSpaceGPT, ModelConfig, build_model
+from lipcert.models.adapters import LastPosition, embedding_domain
 
 F64 = torch.float64
 
@@ -222,5 +225,87 @@ def test_bad_inputs_are_clear_errors() -> None:
 def test_certificate_dataclass_roundtrip() -> None:
     cert = Certificate(mode="global", method="exact", lipschitz_upper=math.inf, layers=[],
                        samples=[], certified_accuracy=[], input_elements=4)
-    assert cert.to_json()["lipschitz"]["upper"] == "inf"
+    doc = cert.to_json()
+    assert doc["lipschitz"]["upper"] == "inf"
     assert cert.ratio is None
+    assert Certificate.from_json(json.loads(json.dumps(doc))) == cert
+
+
+def _identified(cert: Certificate) -> Certificate:
+    search = {"budget_s": 5.0, "elapsed_s": 1.5, "stopped": "finished", "samples_scanned": 6,
+              "ascent_steps": 50}
+    return replace(cert, lower_method="gradient ascent", lower_search=search,
+                   timing_s={**cert.timing_s, "lower_search": 1.5},
+                   data={"dataset": "mnist", "n": 6, "description": "first 6"},
+                   model=ModelIdentity("runs/x", "run", "ab" * 32),
+                   versions={"python": "3.11.7", "torch": "2.13.0"}).with_lower(0.5)
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_from_json_inverts_to_json(mode: str) -> None:
+    """Certificate → JSON text → Certificate is the identity, and so is JSON → Certificate →
+    JSON, for certificates with and without what ``lipcert certify`` adds."""
+    model = _vit()
+    x = torch.rand(6, 1, 8, 8)
+    cert = certify(model, x, model(x).argmax(1), mode=mode, bisection_steps=3)
+    assert len(cert.layers) > 0 and len(cert.samples) == 6
+    for c in (cert, _identified(cert)):
+        text = json.dumps(c.to_json())
+        back = Certificate.from_json(json.loads(text), "cert")
+        assert back == c
+        assert json.dumps(back.to_json()) == text
+    assert ("local_upper" in cert.to_json()["lipschitz"]) == (mode == "local")
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_identity_fields_give_the_documents_lipcert_certify_wrote(mode: str) -> None:
+    """``lipcert certify`` builds its document by adding keys to ``to_json()``
+    (``lipcert.certify_run``); setting the same values as fields gives that document, key
+    order included (so the same bytes)."""
+    model = _mlp()
+    x = torch.rand(5, 4, 4)
+    cert = certify(model, x, model(x).argmax(1), mode=mode, bisection_steps=3).with_lower(0.5)
+    assembled = cert.to_json()
+    assembled["lipschitz"]["lower_method"] = "gradient ascent"
+    assembled["lipschitz"]["lower_search"] = {"budget_s": 5.0, "elapsed_s": 1.5,
+                                              "stopped": "finished", "samples_scanned": 6,
+                                              "ascent_steps": 50}
+    assembled["timing_s"]["lower_search"] = 1.5
+    assembled["kinds"] = {"upper": "certified upper bound", "lower": "empirical witness "
+                          "(a Jacobian norm measured at some input)"}
+    assembled["model"] = {"source": "runs/x", "kind": "run", "weights_sha256": "ab" * 32}
+    assembled["data"] = {"dataset": "mnist", "n": 6, "description": "first 6"}
+    assembled["versions"] = {"python": "3.11.7", "torch": "2.13.0"}
+    assert json.dumps(_identified(cert).to_json()) == json.dumps(assembled)
+    assert assembled["kinds"] == KINDS
+
+
+def test_non_finite_numbers_round_trip() -> None:
+    cert = certify(_mlp(), torch.rand(3, 4, 4), torch.zeros(3, dtype=torch.long))
+    cert = replace(cert, lipschitz_upper=math.inf, samples=[
+        replace(s, margin=-math.inf, radius_l2=0.0, radius_linf=0.0, lipschitz=math.inf)
+        for s in cert.samples[1:]] + [replace(cert.samples[0], radius_l2=math.inf,
+                                              radius_linf=math.inf, lipschitz=0.0)])
+    doc = json.loads(json.dumps(cert.to_json(), allow_nan=False))  # standard JSON
+    assert doc["samples"][0]["margin"] == "-inf" and doc["samples"][0]["lipschitz"] == "inf"
+    assert doc["samples"][-1]["radius_l2"] == "inf" == doc["samples"][-1]["radius_linf"]
+    assert Certificate.from_json(doc) == cert
+
+
+def test_malformed_documents_are_one_line_errors() -> None:
+    good = certify(_mlp(), torch.rand(3, 4, 4), torch.zeros(3, dtype=torch.long)).to_json()
+    cases = [
+        ([], "must hold a JSON object"),
+        ({"norm": "l2"}, "no 'lipschitz.upper'"),
+        ({**good, "lipschitz": {"upper": "big"}}, "lipschitz.upper: expected a number"),
+        ({**good, "mode": "regional"}, "unknown mode 'regional'"),
+        ({k: v for k, v in good.items() if k != "input_elements"}, "no 'input_elements'"),
+        ({**good, "layers": [{"name": "a"}]}, "layer 0 is malformed"),
+        ({**good, "certified_accuracy": [{"eps": 0.1}]}, "malformed certified_accuracy"),
+        ({**good, "samples": [{**good["samples"][0], "radius_linf": -0.5}]}, "radii are ≥ 0"),
+        ({**good, "versions": {"torch": 2}}, "'versions' must map"),
+    ]
+    for doc, message in cases:
+        with pytest.raises(LipcertError, match=message) as err:
+            Certificate.from_json(doc, "cert.json")
+        assert "\n" not in str(err.value)

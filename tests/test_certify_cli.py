@@ -37,6 +37,10 @@ def test_certificate_json_from_a_run(tiny_runs, tmp_path: Path, mode: str) -> No
     for row in doc["certified_accuracy"]:
         assert row["accuracy"] == pytest.approx(sum(r > row["eps"] for r in radii) / 20)
     assert len(doc["model"]["weights_sha256"]) == 64
+    search = lip["lower_search"]
+    assert search["budget_s"] == max(5.0, doc["timing_s"]["total"])  # the default budget
+    assert search["stopped"] in ("finished", "budget") and 1 <= search["samples_scanned"] <= 20
+    assert doc["timing_s"]["lower_search"] == search["elapsed_s"] > 0
 
 
 def test_certify_a_pt2_file_and_a_gpt_run(tiny_runs, tmp_path: Path) -> None:
@@ -71,3 +75,23 @@ def test_bad_inputs_write_nothing(tiny_runs, tmp_path: Path, capsys) -> None:
         assert code == 2, args
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_lower_budget_flag(tiny_runs, tmp_path: Path, capsys) -> None:
+    run = str(tiny_runs["vit-mnist-standard-tiny"])
+    out = tmp_path / "cert.json"
+    assert _certify([run, "--n", "6", "--lower-budget-s", "inf", "-o", str(out)]) == 0
+    lip = json.loads(out.read_text())["lipschitz"]
+    assert lip["lower_search"]["budget_s"] is None
+    assert lip["lower_search"]["stopped"] == "finished"
+    assert lip["lower_search"]["samples_scanned"] == 6 and lip["lower_search"]["ascent_steps"] == 50
+    assert "stopped by" not in lip["lower_method"]
+    stdout = capsys.readouterr().out  # not a terminal: one plain line per stage
+    assert "certificate: " in stdout and "lower bound: " in stdout and "(finished:" in stdout
+    out.unlink()
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(SystemExit) as exit_info:
+            _certify([run, "--lower-budget-s", bad, "-o", str(out)])
+        assert exit_info.value.code == 2
+        assert "seconds" in capsys.readouterr().err
+    assert not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -73,3 +74,51 @@ def test_console_script_help_lists_train() -> None:
     exe = Path(sys.executable).with_name("lipcert")
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "train" in result.stdout
+
+
+def test_every_verb_has_one_command_module() -> None:
+    from lipcert import commands
+    from lipcert.cli import build_parser
+
+    parser = build_parser()
+    verbs = parser._subparsers._group_actions[0].choices  # the registered subcommands
+    assert sorted(verbs) == ["attack", "certify", "demo", "report", "train"]
+    for verb, sub in verbs.items():
+        module = importlib.import_module(f"lipcert.commands.{verb}")
+        assert sub.get_default("handler") is module.run
+    assert "10 minutes" in verbs["demo"].description
+    assert commands.__doc__ and "add_parser" in commands.__doc__
+
+
+def test_tables_are_full_width_when_stdout_is_not_a_terminal(capsys) -> None:
+    import pandas as pd
+
+    from lipcert.commands.display import make_console, print_table, stdout_is_terminal
+
+    assert not stdout_is_terminal()  # pytest captures stdout
+    df = pd.DataFrame({f"a_long_column_name_{i}": [0.123456, 1.5] for i in range(12)})
+    print_table(make_console(), df, "wide")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 7  # title, top rule, header, rule, two rows, bottom rule
+    assert all(f"a_long_column_name_{i}" in lines[2] for i in range(12))
+    assert len(lines[2]) > 12 * 20
+
+
+def test_demo_flags_are_checked(tmp_path: Path) -> None:
+    for argv in (["--train-budget-s", "0"], ["--train-budget-s", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "-o", str(tmp_path / "d"), *argv])
+        assert exit_info.value.code == 2
+    assert main(["demo", "-o", str(tmp_path / "d"), "--n-local", "0"]) == 2
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_help_states_the_settings_defaults() -> None:
+    from lipcert.cli import build_parser
+    from lipcert.demo import DemoSettings
+
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    text = " ".join(demo.format_help().split())
+    d = DemoSettings()
+    assert f"(default {d.out})" in text and f"(default {d.n_certify})" in text
+    assert f"(default {d.n_local})" in text and f"default {d.train_budget_s:g})" in text

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from lipcert import constraints as C
+from lipcert import spectral
+from lipcert.constraints import projections
 from lipcert.errors import LipcertError, TrainingError
 
 D = 16
@@ -114,13 +116,6 @@ def test_rejects_non_matrix_params_and_nonfinite_weights():
         C.spectral_cap(w, 1.0)
 
 
-def test_exact_sigma_max_matches_svd():
-    gen = torch.Generator().manual_seed(0)
-    for shape in [(5, 5), (40, 7), (7, 40)]:
-        w = torch.randn(*shape, generator=gen)
-        assert C.exact_sigma_max(w) == pytest.approx(svd_sigma_max(w), rel=1e-12)
-
-
 # ---------------------------------------------------------------------------------------
 # Training with the hook, then finalize
 
@@ -140,7 +135,8 @@ def test_finalize_enforces_declared_bound(method, w_max, kind):
         sigma = svd_sigma_max(p)
         assert sigma <= limit * (1 + APPROX_TOL), (name, sigma, limit)
         assert rec["limit"] == pytest.approx(limit)
-        assert rec["sigma_after"] == pytest.approx(sigma, rel=1e-9)
+        # a verified upper value of σ_max (spectral.exact), within its 1e-8-level margin
+        assert sigma <= rec["sigma_after"] <= min(limit, sigma * (1 + 1e-7))
         assert rec["rms_norm_after"] <= w_max * (1 + APPROX_TOL)
         assert rec["shape"] == list(p.shape)
         if method in C.EXACT_METHODS:
@@ -158,7 +154,8 @@ def test_finalize_for_none_only_measures():
     for (_, p), rec, ref in zip(params, records, after_train, strict=True):
         assert torch.equal(p.detach(), ref)
         assert rec["limit"] is None and not rec["capped"]
-        assert rec["sigma_after"] == pytest.approx(svd_sigma_max(p), rel=1e-9)
+        sigma = svd_sigma_max(p)
+        assert sigma <= rec["sigma_before"] == rec["sigma_after"] <= sigma * (1 + 1e-7)
 
 
 @pytest.mark.parametrize("kind", ["muon", "adamw"])
@@ -235,15 +232,15 @@ def test_spectral_cap_leaves_the_capped_weights_top_singular_vector(shape, top_s
     whether or not the cap changed the weight, and is dropped once the weight moves."""
     sv = np.geomspace(0.1, top_sv, 24)
     w = matrix_with_singular_values(sv, shape, seed=11).float()
-    assert C.cached_top_vector(w) is None
+    assert spectral.cached_top_vector(w) is None
     C.spectral_cap(w, 1.0)
-    top = C.cached_top_vector(w)
+    top = spectral.cached_top_vector(w)
     assert top is not None and top.shape == (min(shape),)
     wd = w.double()
     sigma = torch.linalg.vector_norm(wd @ top if shape[0] >= shape[1] else top @ wd)
     assert float(sigma) == pytest.approx(svd_sigma_max(w), rel=1e-6)
     w.mul_(0.5)
-    assert C.cached_top_vector(w) is None
+    assert spectral.cached_top_vector(w) is None
 
 
 def test_spectral_normalize_scales_whole_matrix():
@@ -254,6 +251,7 @@ def test_spectral_normalize_scales_whole_matrix():
         torch.tensor([2.0, 1.0, 0.25], dtype=torch.float64),
         atol=1e-6,
     )
+    assert spectral.exact(w).value <= 2.0  # divided by a verified upper value of σ_max
     C.spectral_normalize(w, 5.0)  # already inside: unchanged
     assert svd_sigma_max(w) == pytest.approx(2.0, rel=1e-6)
 
@@ -300,6 +298,28 @@ def test_soft_cap_coupling_maps_k_to_one():
         C.soft_cap_coupling(0.1, 1.0)
     )
     assert C.soft_cap_coupling(5.0) == pytest.approx(3844 / 19683)
+
+
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_muon_update_scale_bounds_real_muon_updates(adjust, shape):
+    """The coupling's update norm per unit lr is never exceeded by a torch.optim.Muon step
+    (momentum 0, no decay: the step is exactly lr·adjustment·NS(gradient)). torch's bfloat16
+    iteration can overshoot the exact scalar gain by rounding (0.07% seen here); the 1.05
+    margin of the coupling covers it."""
+    from lipcert.constraints.coupling import default_update_scale
+
+    gen = torch.Generator().manual_seed(24)
+    w = torch.nn.Parameter(torch.randn(*shape, generator=gen))
+    opt = torch.optim.Muon([w], lr=0.01, momentum=0.0, weight_decay=0.0, adjust_lr_fn=adjust)
+    scale = default_update_scale(opt, opt.param_groups[0], shape)
+    worst = 0.0
+    for _ in range(5):
+        w.grad = torch.randn(*shape, generator=gen) * torch.logspace(-3, 0, shape[1])
+        before = w.detach().clone()
+        opt.step()
+        worst = max(worst, svd_sigma_max(w.detach() - before) / 0.01)
+    assert 0.5 * scale < worst <= scale
 
 
 def test_soft_cap_matrix_follows_its_polynomial():
@@ -355,7 +375,7 @@ def test_nearly_orthogonal_muon_like_matrix_is_capped():
         w = matrix_with_singular_values(sv.numpy(), shape, seed=17).float()
         C.spectral_cap(w, 1.0)
         assert svd_sigma_max(w) <= 1.0 + APPROX_TOL
-        assert C.exact_sigma_max(w) == pytest.approx(min(level, 1.0), rel=1e-5)
+        assert svd_sigma_max(w) == pytest.approx(min(level, 1.0), rel=1e-5)
         C.hard_cap(w, 1.0)
         assert svd_sigma_max(w) <= 1.012
 
@@ -374,9 +394,9 @@ def test_spectral_cap_falls_back_when_linalg_fails(monkeypatch):
         torch.tensor([1.0, 1.0, 0.3], dtype=torch.float64),
         atol=1e-6,
     )
-    assert C.exact_sigma_max(w) == pytest.approx(1.0, rel=1e-6)
+    assert spectral.cached_top_vector(w) is None  # the SVD fallback records no vector
     # every decomposition fails: Frobenius rescaling still gives the bound
-    monkeypatch.setattr(C, "_svd64", lambda x: None)
+    monkeypatch.setattr(projections, "_svd64", lambda x: None)
     w = matrix_with_singular_values(sv, (5, 3), seed=18).float()
     with pytest.warns(RuntimeWarning, match="Frobenius"):
         C.spectral_cap(w, 1.0)

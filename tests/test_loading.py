@@ -16,12 +16,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lipcert.checkpoint import save_run, sha256_file
+from lipcert.checkpoint import TrainResult, save_run, sha256_file
 from lipcert.errors import CheckpointError, LipcertError
 from lipcert.loading import ACCEPTED_FORMS, check_input_shape, inspect_pt2, load_model
 from lipcert.models import EmbeddingSpaceGPT, build_model
 from lipcert.presets import preset
-from lipcert.train import TrainResult
 
 ROOT = "net/"  # torch.export.save puts every member under a folder named after the file
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -162,3 +163,84 @@ def test_tightness_ratio_and_json() -> None:
     bound = empirical_lipschitz(nn.Linear(3, 2), torch.rand(4, 3), ascent_steps=1)
     assert set(bound.to_dict()) == {"value", "kind", "at_index", "method"}
     assert bound.to_dict()["kind"] == "lower"
+
+
+class _CountingClock:
+    """A clock that reads the number of forward passes made so far: budgets in passes."""
+
+    def __init__(self, f) -> None:
+        self.f, self.passes = f, 0
+
+    def model(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        return self.f(x)
+
+    def __call__(self) -> float:
+        return float(self.passes)
+
+
+def test_a_budget_stops_the_search_and_leaves_a_witness() -> None:
+    f = _mlp()
+    x = torch.rand(40, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    clock = _CountingClock(f)
+    seen = []
+    bound = empirical_lipschitz(clock.model, x, ascent_steps=50, top_k=3, budget_s=12,
+                                clock=clock, on_progress=seen.append)
+    assert bound.stopped == "budget" and "stopped by its 12 s budget" in bound.method
+    assert 0 < bound.samples_scanned < len(x) and 1 <= bound.ascent_steps_done < 50
+    assert bound.elapsed_s <= 12 + 2  # overrun: at most the ascent step under way
+    assert bound.value <= exact_jacobian_norm(f, bound.point) * (1 + 1e-9)
+    scanned = jacobian_norm(f, x[:bound.samples_scanned])
+    assert bound.initial == pytest.approx(float(scanned.max()), rel=1e-12)
+    assert bound.value >= bound.initial
+    assert [p.phase for p in seen] == sorted((p.phase for p in seen), reverse=True)
+    assert seen[-1].phase == "ascent" and seen[-1].ascent_step == bound.ascent_steps_done
+    assert all(a.elapsed_s <= b.elapsed_s for a, b in itertools.pairwise(seen))
+    assert bound.search_dict() == {"budget_s": 12, "elapsed_s": bound.elapsed_s,
+                                   "stopped": "budget", "samples_scanned": bound.samples_scanned,
+                                   "ascent_steps": bound.ascent_steps_done}
+
+
+def test_a_budget_spent_in_the_scan_still_measures_the_first_chunk() -> None:
+    f = _mlp()
+    x = torch.rand(40, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    clock = _CountingClock(f)
+    bound = empirical_lipschitz(clock.model, x, ascent_steps=5, budget_s=0.5, clock=clock)
+    assert bound.stopped == "budget" and bound.ascent_steps_done == 0
+    assert bound.samples_scanned == 4  # the first chunk
+    assert bound.value == bound.initial == pytest.approx(float(jacobian_norm(f, x[:4]).max()),
+                                                        rel=1e-12)
+
+
+def test_an_ample_or_infinite_budget_changes_nothing() -> None:
+    f = _mlp()
+    x = torch.rand(20, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    plain = empirical_lipschitz(f, x, ascent_steps=10, top_k=3)
+    unlimited = empirical_lipschitz(f, x, ascent_steps=10, top_k=3, budget_s=math.inf)
+    ample = empirical_lipschitz(f, x, ascent_steps=10, top_k=3, budget_s=1e6)
+    assert plain.stopped == unlimited.stopped == ample.stopped == "finished"
+    assert unlimited.value == plain.value and unlimited.method == plain.method
+    assert torch.equal(unlimited.point, plain.point)
+    assert unlimited.search_dict()["budget_s"] is None
+    assert ample.value == pytest.approx(plain.value, rel=1e-9)  # other chunks, same math
+    assert ample.samples_scanned == 20 and ample.ascent_steps_done == 10
+    with pytest.raises(LipcertError, match="budget"):
+        empirical_lipschitz(f, x, budget_s=0)
+
+
+def test_ascent_stays_in_an_embedding_ball() -> None:
+    """On an embedding domain the search projects each token onto the ball, so the witness
+    point is a point the certificate covers."""
+    from lipcert.bounds import EmbeddingDomain
+
+    class Cubic(torch.nn.Module):  # ‖J(x)‖ grows with ‖x‖: the ascent pushes outwards
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1).pow(3)[:, :3]
+
+    x = torch.randn(4, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = 0.5 * x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    bound = empirical_lipschitz(Cubic(), x, ascent_steps=10, top_k=2, step_size=5.0,
+                                domain=EmbeddingDomain(1.0))
+    norms = torch.linalg.vector_norm(bound.point, dim=-1)
+    assert norms.max() <= 1.0 + 1e-12
+    assert norms.max() > 0.5 + 1e-3  # the search did move outwards, up to the ball

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from lipcert.errors import LipcertError
 from lipcert.models import ModelConfig, build_model, constrained_matrices, example_input
-from lipcert.models.blocks import Attention
+from lipcert.models.blocks import MLP, Attention, Block
 from lipcert.models.ops import token_ball
 
 CONFIGS = [
@@ -102,8 +103,6 @@ def test_token_ball_is_nonexpansive_and_bounded() -> None:
 
 
 def test_vit_rejects_indivisible_patch_size() -> None:
-    from lipcert.errors import LipcertError
-
     with pytest.raises(LipcertError, match="patch_size"):
         ModelConfig(arch="vit", family="standard", image_size=28, patch_size=5)
 
@@ -129,12 +128,16 @@ def test_token_ball_is_one_node_in_the_exported_graph() -> None:
     assert "aten.linalg_vector_norm.default" not in targets
 
 
+def test_attention_rejects_indivisible_heads() -> None:
+    with pytest.raises(LipcertError, match="not divisible"):
+        Attention(d_model=10, n_heads=4, family="lipschitz", causal=False, softmax_scale=1.0)
+
+
 @pytest.mark.parametrize("w_scale", [1.0, 3.0])
 def test_paper_formula_bound_is_not_beaten_by_measured_jacobians(w_scale: float) -> None:
     """The paper-style bound is reported beside training runs; it must hold where it is
     tested: random and gradient-ascended inputs never show a larger Jacobian norm."""
     from lipcert.lower import empirical_lipschitz
-    from lipcert.models.sensitivity import paper_lipschitz_bound
 
     torch.manual_seed(0)
     config = ModelConfig(arch="vit", family="lipschitz", d_model=16, n_layers=2, n_heads=2,
@@ -143,6 +146,87 @@ def test_paper_formula_bound_is_not_beaten_by_measured_jacobians(w_scale: float)
     with torch.no_grad():
         for _, weight in constrained_matrices(model):
             weight.mul_(w_scale)
-    bound = paper_lipschitz_bound(model)
+    bound = model.lipschitz_bound()
     lower = empirical_lipschitz(model, torch.rand(16, 1, 8, 8), ascent_steps=20, top_k=4)
     assert 0 < lower.value <= bound
+
+
+def test_gpt_paper_bound_holds_per_position() -> None:
+    """The GPT's bound (embedded sequence → logits of one position) against secant ratios of
+    random and gradient-ascended pairs of embedded sequences."""
+    torch.manual_seed(0)
+    config = ModelConfig(arch="gpt", family="lipschitz", d_model=16, n_layers=2, n_heads=1,
+                         vocab_size=11, context=6, softmax_scale=4.0, final_scale=2.0)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for _, weight in constrained_matrices(model):
+            weight.mul_(2.0)
+    bound = model.lipschitz_bound()
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(32, 6, 16, generator=g).requires_grad_(True)
+    b = (a.detach() + 0.1 * torch.randn(32, 6, 16, generator=g)).requires_grad_(True)
+    optimizer = torch.optim.Adam([a, b], lr=0.02)
+    worst = 0.0
+    for _ in range(60):
+        fa, fb = model.forward_embeddings(a), model.forward_embeddings(b)
+        ratio = (fa - fb).norm(dim=-1).amax(dim=-1) / (a - b).flatten(1).norm(dim=1)
+        worst = max(worst, ratio.max().item())
+        optimizer.zero_grad()
+        (-ratio.sum()).backward()
+        optimizer.step()
+    assert 0 < worst <= bound
+
+
+def test_paper_bound_is_refused_for_the_standard_family() -> None:
+    for config in (CONFIGS[1], CONFIGS[3]):
+        with pytest.raises(LipcertError, match="lipschitz family only"):
+            build_model(config).lipschitz_bound()
+
+
+def _max_token(x: torch.Tensor) -> torch.Tensor:
+    """‖E‖_{2,∞} per batch element: the largest token norm."""
+    return x.norm(dim=-1).amax(dim=-1)
+
+
+def _lipschitz_modules() -> list[tuple[str, nn.Module]]:
+    """A one-head attention (the proven case), an MLP and a one-head block, with weights
+    scaled so that every factor of their bounds matters."""
+    torch.manual_seed(3)
+    parts = [
+        ("attention", Attention(16, 1, "lipschitz", causal=False, softmax_scale=4.0)),
+        ("mlp", MLP(16, 32, "lipschitz")),
+        ("block", Block(16, 1, 32, "lipschitz", n_layers=1, causal=True, softmax_scale=4.0)),
+    ]
+    with torch.no_grad():
+        for _, module in parts:
+            for p in module.parameters():
+                p.mul_(1.7)
+    return parts
+
+
+@pytest.mark.parametrize(("name", "module"), _lipschitz_modules(), ids=["attn", "mlp", "block"])
+def test_each_module_bound_holds_in_the_max_token_norm(name: str, module: nn.Module) -> None:
+    """Each part's own ``lipschitz_bound`` and ``output_radius`` (tokens of norm ≤ R in)
+    against random and gradient-ascended token sequences: the measured ratio
+    ‖f(x) − f(y)‖_{2,∞} / ‖x − y‖_{2,∞} and the output token norms never exceed them."""
+    radius = 4.0
+    bound = (module.lipschitz_bound() if isinstance(module, MLP)
+             else module.lipschitz_bound(radius))
+    out_radius = module.output_radius(radius)
+    g = torch.Generator().manual_seed(4)
+    a = (3 * torch.randn(64, 5, 16, generator=g)).requires_grad_(True)
+    b = (a.detach() + 0.3 * torch.randn(64, 5, 16, generator=g)).requires_grad_(True)
+    optimizer = torch.optim.Adam([a, b], lr=0.05)
+    worst_ratio = worst_norm = 0.0
+    for _ in range(80):
+        x, y = token_ball(a, radius), token_ball(b, radius)
+        fx, fy = module(x), module(y)
+        ratio = _max_token(fx - fy) / _max_token(x - y)
+        norms = _max_token(fx)
+        worst_ratio = max(worst_ratio, ratio.max().item())
+        worst_norm = max(worst_norm, norms.max().item())
+        optimizer.zero_grad()
+        (-(ratio.sum() + norms.sum())).backward()
+        optimizer.step()
+    assert 0 < worst_ratio <= bound, name
+    assert 0 < worst_norm <= out_radius, name

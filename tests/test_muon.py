@@ -68,3 +68,33 @@ def test_orthogonalize_is_torchs_iteration_in_float32(shape: tuple[int, int]) ->
     assert (ours - torchs).norm() <= 0.03 * torchs.norm()
     sigma = torch.linalg.svdvals(ours.double())
     assert sigma.max() < 1.2 and sigma.min() > 0.5
+
+
+@pytest.mark.parametrize("adjust", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("shape", [*SHAPES, (7, 3), (3, 7)])
+def test_adjusted_lr_is_torchs_own(adjust: str | None, shape: tuple[int, int]) -> None:
+    """lipcert restates the adjustment torch.optim.Muon documents; the tests hold it to
+    torch's private implementation, so a change in torch shows here first."""
+    from torch.optim._muon import _adjust_lr
+
+    size = torch.Size(shape)
+    assert muon_module.adjusted_lr(0.05, adjust, size) == _adjust_lr(0.05, adjust, size)
+
+
+def test_tested_torch_range() -> None:
+    assert muon_module.torch_is_tested()  # the torch these tests run on
+    low, high = muon_module.TESTED_TORCH
+    assert muon_module.torch_is_tested(f"{low[0]}.{low[1]}.0+cpu")
+    assert not muon_module.torch_is_tested(f"{high[0]}.{high[1]}.0")
+    assert not muon_module.torch_is_tested(f"{low[0]}.{low[1] - 1}.9")
+
+
+def test_untested_torch_falls_back_to_torch_muon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the tested versions the float32 re-implementation is never used, even on a CPU
+    that would need it: a warning, then torch's Muon bit for bit."""
+    monkeypatch.setattr(muon_module, "native_bfloat16_matmul", lambda device: False)
+    monkeypatch.setattr(muon_module, "TESTED_TORCH", ((1, 0), (1, 1)))
+    with pytest.warns(RuntimeWarning, match="outside the versions"):
+        ours = _run(Muon)
+    for a, b in zip(ours, _run(torch.optim.Muon), strict=True):
+        assert torch.equal(a, b)

@@ -26,8 +26,9 @@ from test_reports_data import (  # noqa: F401  (fixtures)
 )
 
 import reports.build
+from lipcert.commands.report import add_parser as add_report_parser
 from lipcert.errors import LipcertError
-from reports import add_report_parser, build_report, clopper_pearson, load_run, make_report
+from reports import build_report, clopper_pearson, load_run, make_report
 from reports.runs import ATTACK_COLUMNS
 from reports.stats import analyse, robustness_table, sample_table
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +15,11 @@ from conftest import TINY_PRESETS
 from safetensors.torch import load_file, save_file
 
 import lipcert
-from lipcert.checkpoint import load_run, save_run
+from lipcert.checkpoint import RUN_FILES, TRAIN_LOG, load_run, save_run
 from lipcert.errors import CheckpointError, LipcertError
 from lipcert.models import constrained_matrices, example_input
 from lipcert.presets import PRESET_NAMES, preset
 from lipcert.train import train
-
-RUN_FILES = {"model.safetensors", "config.json", "model.pt2", "train_log.csv"}
 
 
 def test_every_preset_has_a_tiny_variant() -> None:
@@ -31,14 +32,15 @@ def test_every_preset_has_a_tiny_variant() -> None:
 @pytest.mark.parametrize("name", TINY_PRESETS)
 def test_run_directory_contents(tiny_runs: dict[str, Path], name: str) -> None:
     run = tiny_runs[name]
-    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert sorted(p.name for p in run.iterdir()) == sorted(RUN_FILES)
+    assert set(RUN_FILES) == {"model.safetensors", "config.json", "model.pt2", "train_log.csv"}
     config = json.loads((run / "config.json").read_text())
     assert config["status"] == "finished"
     assert config["seed"] == 0 and config["training"]["preset"] == name
     assert config["model"]["family"] in name
     assert 0 <= config["metrics"]["val_acc"] <= 1
     assert config["versions"]["torch"].startswith("2.")
-    lines = (run / "train_log.csv").read_text().splitlines()
+    lines = (run / TRAIN_LOG).read_text().splitlines()
     assert lines[0].startswith("step,loss") and len(lines) == 1 + preset(name).steps
 
 
@@ -77,6 +79,20 @@ def test_same_seed_same_weights() -> None:
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.head.weight, c.head.weight)
+
+
+def test_loading_a_run_needs_no_training_code(tiny_runs: dict[str, Path]) -> None:
+    """``lipcert.load`` rebuilds a model without importing the training loop, the optimizers
+    or the weight constraints."""
+    script = ("import sys, lipcert\n"
+              f"lipcert.load({str(tiny_runs['vit-mnist-lipschitz-tiny'])!r})\n"
+              "print(sorted(m for m in sys.modules if m.startswith('lipcert')))")
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True).stdout
+    loaded = set(ast.literal_eval(output))
+    assert "lipcert.checkpoint" in loaded
+    for module in ("lipcert.train", "lipcert.constraints", "lipcert.muon"):
+        assert not {m for m in loaded if m == module or m.startswith(f"{module}.")}, module
 
 
 def _copy_run(src: Path, dst: Path) -> Path:

@@ -111,6 +111,10 @@ class BoxDomain:
     lo: float = 0.0
     hi: float = 1.0
 
+    def project(self, x: Tensor) -> Tensor:
+        """The nearest point of the domain (elementwise clamp)."""
+        return x.clamp(self.lo, self.hi)
+
 
 @dataclass(frozen=True)
 class EmbeddingDomain:
@@ -118,6 +122,11 @@ class EmbeddingDomain:
     embedded sequences: the embedding table's largest row norm)."""
 
     max_norm: float
+
+    def project(self, x: Tensor) -> Tensor:
+        """The nearest point of the domain: each token scaled onto the ball if outside it."""
+        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return x * (self.max_norm / norms.clamp_min(self.max_norm))
 
 
 Domain = BoxDomain | EmbeddingDomain
@@ -162,7 +171,6 @@ class Ctx:
     norm_cache: dict[Any, Any] = field(default_factory=dict)
     shape_cache: dict[Any, Any] = field(default_factory=dict)
     node: Any = None
-    notes: dict[str, Any] = field(default_factory=dict)
 
     def use_ibp(self, flops: float, *tensors: Tensor) -> bool:
         """Whether to run interval arithmetic through a product of ``flops`` on these
@@ -212,11 +220,13 @@ class Ctx:
         """A Bound for a constant (lip = 0) or a Python number; Bounds pass through."""
         if isinstance(x, Bound):
             return x
-        t = x.t if isinstance(x, Const) else torch.as_tensor(x)
+        # A Python number goes to float64 directly: through float32 it would lose digits.
+        t = x.t if isinstance(x, Const) else torch.as_tensor(x, dtype=F64)
         t = t.detach().to(F64)
         zero = self.full(0.0)
         nrm = torch.linalg.vector_norm(t) * (1 + gamma(t.numel()))
-        rows = t.reshape(-1, t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)
+        rows = (t.reshape(math.prod(t.shape[:-1]), t.shape[-1]) if t.dim() > 0
+                else t.reshape(1, 1))
         tok = torch.linalg.vector_norm(rows, dim=-1).max() if rows.numel() else torch.zeros(())
         tok = tok * (1 + gamma(rows.shape[-1]))
         return Bound(

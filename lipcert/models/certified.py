@@ -26,24 +26,37 @@ L2 norms (perturbations of one image):
   this is a 1-Lipschitz dense network reading every token, the mixing that weak attention
   does not provide.
 
-``certified_lipschitz_bound`` composes these factors from the current weights,
-differentiably (the margin losses of ``lipcert.losses`` use it). ``lipcert certify``'s
-engine derives its global bound from the exported graph on its own; a test checks that it
-never exceeds this one.
+Each module composes its factors in its own ``lipschitz_bound(sigma)``, from the current
+weights; ``sigma`` gives each weight's spectral norm. By default it is
+:func:`lipcert.spectral.sigma_max_differentiable`, so the bound is differentiable (the
+margin losses of ``lipcert.losses`` use it); :func:`sigma_upper` (the verified upper value
+of :func:`lipcert.spectral.exact`) gives the bound that training reports. ``lipcert
+certify``'s engine derives its global bound from the exported graph on its own; a test
+checks that it never exceeds this one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipcert.constraints import cached_top_vector
+from lipcert import spectral
 from lipcert.models.config import ModelConfig
 from lipcert.models.ops import group_sort2, token_ball
 from lipcert.models.vit import patchify
+
+#: A weight's spectral norm, as a 0-dim tensor (see the module docstring).
+Sigma = Callable[[Tensor], Tensor]
+
+
+def sigma_upper(weight: Tensor) -> Tensor:
+    """The verified upper value of σ_max(W) (:func:`lipcert.spectral.exact`) as a float64
+    0-dim tensor, without gradient: bounds composed from it are reported, never trained."""
+    return torch.tensor(spectral.exact(weight).value, dtype=torch.float64)
 
 
 def attention_gain(logit_bound: float, token_radius: float, value_radius: float,
@@ -76,8 +89,10 @@ class CertifiedAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, scale=self.score_scale).squeeze(1)
         return self.o(y) * self.output_scale
 
-    def lipschitz_bound(self) -> Tensor:
-        s_q, s_k, s_v, s_o = (_sigma(m.weight) for m in (self.q, self.k, self.v, self.o))
+    def lipschitz_bound(self, sigma: Sigma = spectral.sigma_max_differentiable) -> Tensor:
+        """output_scale·σ_o·σ_v·(e^b + c·R·R_v·σ_q·σ_k·(1 + e^b)), b = c·σ_q·σ_k·R²
+        (module docstring)."""
+        s_q, s_k, s_v, s_o = (sigma(m.weight) for m in (self.q, self.k, self.v, self.o))
         gain = attention_gain(self.logit_bound, self.radius, self.value_radius, s_q, s_k)
         return self.output_scale * s_o * s_v * gain
 
@@ -93,8 +108,9 @@ class CertifiedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.down(group_sort2(self.up(x)))
 
-    def lipschitz_bound(self) -> Tensor:
-        return _sigma(self.up.weight) * _sigma(self.down.weight)
+    def lipschitz_bound(self, sigma: Sigma = spectral.sigma_max_differentiable) -> Tensor:
+        """σ_up·σ_down: GroupSort2 is 1-Lipschitz, biases are constants."""
+        return sigma(self.up.weight) * sigma(self.down.weight)
 
 
 class CertifiedHead(nn.Module):
@@ -111,8 +127,9 @@ class CertifiedHead(nn.Module):
             z = layer(group_sort2(z) if k else z)
         return z
 
-    def lipschitz_bound(self) -> Tensor:
-        return math.prod(_sigma(layer.weight) for layer in self.layers)
+    def lipschitz_bound(self, sigma: Sigma = spectral.sigma_max_differentiable) -> Tensor:
+        """The product of the layers' σ (GroupSort2 between them is 1-Lipschitz)."""
+        return math.prod(sigma(layer.weight) for layer in self.layers)
 
 
 class CertifiedBlock(nn.Module):
@@ -131,10 +148,11 @@ class CertifiedBlock(nn.Module):
         x = self._mix(x, self.attn(x), self.attn_alpha)
         return self._mix(x, self.mlp(x), self.mlp_alpha)
 
-    def lipschitz_bound(self) -> Tensor:
+    def lipschitz_bound(self, sigma: Sigma = spectral.sigma_max_differentiable) -> Tensor:
+        """((1 − α_a) + α_a·Lip(attention))·((1 − α_m) + α_m·Lip(MLP))."""
         a, m = self.attn_alpha, self.mlp_alpha
-        return ((1 - a) + a * self.attn.lipschitz_bound()) * (
-            (1 - m) + m * self.mlp.lipschitz_bound())
+        return ((1 - a) + a * self.attn.lipschitz_bound(sigma)) * (
+            (1 - m) + m * self.mlp.lipschitz_bound(sigma))
 
 
 class CertifiedViT(nn.Module):
@@ -157,30 +175,13 @@ class CertifiedViT(nn.Module):
         pooled = x.flatten(1) if self.config.pooling == "flatten" else x.mean(dim=1)
         return self.head(pooled)
 
+    def lipschitz_bound(self, sigma: Sigma = spectral.sigma_max_differentiable) -> Tensor:
+        """The L2 bound from image to logits: σ(W_pe)·Π blocks·(1/√N with mean pooling)·head
+        (module docstring); patchify and flattening are isometries."""
+        bound = sigma(self.patch_embed.weight)
+        for block in self.blocks:
+            bound = bound * block.lipschitz_bound(sigma)
+        if self.config.pooling == "mean":
+            bound = bound / math.sqrt(self.n_patches)
+        return bound * self.head.lipschitz_bound(sigma)
 
-def _sigma(weight: Tensor) -> Tensor:
-    """σ_max(W) = ‖W·v₁‖ with v₁ the top right singular vector (‖u₁ᵀW‖ with u₁ the top left
-    one for a wide W), found (without gradient) as the top eigenvector of the smaller float64
-    Gram matrix: differentiable, with gradient u₁v₁ᵀ. During training ``spectral_cap`` has
-    just computed that eigenvector for the current weight, and it is reused
-    (:func:`~lipcert.constraints.cached_top_vector`). (``torch.linalg.matrix_norm(ord=2)``
-    runs an SVD, which fails to converge on the nearly-orthogonal matrices that Muon
-    produces.)"""
-    tall = weight.shape[0] >= weight.shape[1]
-    with torch.no_grad():
-        top = cached_top_vector(weight)
-        if top is None:
-            w = weight.detach().double()
-            top = torch.linalg.eigh(w.mT @ w if tall else w @ w.mT).eigenvectors[:, -1]
-        top = top.to(weight.dtype)
-    return torch.linalg.vector_norm(weight @ top if tall else top @ weight)
-
-
-def certified_lipschitz_bound(model: CertifiedViT) -> Tensor:
-    """The composed L2 Lipschitz bound of the module docstring, as a differentiable scalar."""
-    bound = _sigma(model.patch_embed.weight)
-    for block in model.blocks:
-        bound = bound * block.lipschitz_bound()
-    if model.config.pooling == "mean":
-        bound = bound / math.sqrt(model.n_patches)
-    return bound * model.head.lipschitz_bound()

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipcert.models.blocks import Block, zero_init_outputs
+from lipcert import spectral
+from lipcert.models.blocks import (
+    Block,
+    blocks_lipschitz_bound,
+    require_lipschitz_family,
+    zero_init_outputs,
+)
 from lipcert.models.config import ModelConfig
 from lipcert.models.ops import token_ball
 
@@ -65,6 +71,19 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.forward_embeddings(self.token_embeddings(idx))
+
+    @torch.no_grad()
+    def lipschitz_bound(self) -> float:
+        """The paper-style L2 bound from the embedded sequence to the logits of any one
+        position (lipschitz family; ``lipcert.models.blocks`` explains the max-token norm it
+        is composed in): Π_blocks Lip(block; R) · final_scale · σ(W_unembed), with R = √d
+        after the token ball (1-Lipschitz; adding positions is a translation). Reading one
+        position is 1-Lipschitz from ‖·‖_{2,∞} to ℓ2. σ are verified upper values; for
+        several heads the attention factor is the paper's claim."""
+        c = self.config
+        require_lipschitz_family(c.family)
+        blocks = blocks_lipschitz_bound(self.blocks, math.sqrt(c.d_model))
+        return blocks * c.final_scale * spectral.exact(self.unembed.weight).value
 
 
 class EmbeddingSpaceGPT(nn.Module):

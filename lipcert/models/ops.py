@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from lipcert.errors import LipcertError
+
 _LIBRARY = torch.library.Library("lipcert", "DEF")
 _LIBRARY.define("token_ball(Tensor x, float radius) -> Tensor")
 
@@ -57,5 +59,5 @@ def group_sort2(x: torch.Tensor) -> torch.Tensor:
     ‖sort(p) − sort(q)‖² ≤ ‖p − q‖². It is deel-torchlip's ``GroupSort2`` on (B, C) inputs.
     """
     if x.shape[-1] % 2:
-        raise ValueError(f"group_sort2 needs an even last dimension, got {x.shape[-1]}")
+        raise LipcertError(f"group_sort2 needs an even last dimension, got {x.shape[-1]}")
     return torch.ops.lipcert.group_sort2(x)

@@ -8,7 +8,13 @@ import math
 import torch
 from torch import nn
 
-from lipcert.models.blocks import Block, zero_init_outputs
+from lipcert import spectral
+from lipcert.models.blocks import (
+    Block,
+    blocks_lipschitz_bound,
+    require_lipschitz_family,
+    zero_init_outputs,
+)
 from lipcert.models.config import ModelConfig
 from lipcert.models.ops import token_ball
 
@@ -46,7 +52,6 @@ class ViT(nn.Module):
         if c.zero_init_out:
             zero_init_outputs(self.blocks)
 
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(patchify(images, self.config.patch_size)) + self.pos_embed
         if self.config.family == "lipschitz":
@@ -55,3 +60,20 @@ class ViT(nn.Module):
             x = block(x)
         logits = self.head(self.norm(x).mean(dim=1))
         return logits * self.config.final_scale if self.config.final_scale != 1.0 else logits
+
+    @torch.no_grad()
+    def lipschitz_bound(self) -> float:
+        """The paper-style L2 bound from image to logits (lipschitz family;
+        ``lipcert.models.blocks`` explains the max-token norm it is composed in):
+
+            σ(W_pe) · Π_blocks Lip(block; R) · final_scale · σ(W_head),   R = √d at the start
+
+        The patch embedding gives max_i ‖W_pe·δ_i‖ ≤ σ(W_pe)·‖δ‖₂ (patchify is a permutation),
+        the token ball is 1-Lipschitz and sets R = √d, and mean pooling is 1-Lipschitz from
+        ‖·‖_{2,∞} to ℓ2. σ are verified upper values; for several heads the attention factor
+        is the paper's claim (see ``Attention.lipschitz_bound``)."""
+        c = self.config
+        require_lipschitz_family(c.family)
+        blocks = blocks_lipschitz_bound(self.blocks, math.sqrt(c.d_model))
+        return (spectral.exact(self.patch_embed.weight).value * blocks * c.final_scale
+                * spectral.exact(self.head.weight).value)

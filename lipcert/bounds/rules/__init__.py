@@ -9,6 +9,8 @@ from lipcert.bounds.rules import (  # noqa: F401
     custom,
     linear,
     norm,
+    order,
     pool,
     shape,
+    thirdparty,
 )

@@ -8,22 +8,26 @@ f' (listed per function, computed in float64 by bisection on f'' and padded by 1
 error of a critical point's location changes f' there only to second order). Over the whole
 real line this gives the global slopes: GELU 1.12890415 (at √2; the paper's 1.1289 is
 slightly too small), tanh-GELU 1.12899307,
-SiLU 1.09983932, tanh 1, sigmoid 1/4, ReLU 1. Functions with |f(x)| ≤ |x| (ReLU, GELU, SiLU,
-tanh, ...) also keep the norm bounds.
+SiLU 1.09983932, tanh 1, sigmoid 1/4, ReLU 1, hardswish 3/2, hardsigmoid 1/6. Functions with
+|f(x)| ≤ |x| (ReLU, GELU, SiLU, tanh, hardswish, clamps around 0, ...) also keep the norm
+bounds.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lipcert.bounds.errors import UnsupportedOpError
-from lipcert.bounds.registry import rule
-from lipcert.bounds.state import F64, Bound, Ctx, reduce_sid, sample_max
+from lipcert.bounds.registry import Exact, rule
+from lipcert.bounds.rules.order import extreme
+from lipcert.bounds.rules.shape import broadcast
+from lipcert.bounds.state import F64, Bound, Const, Ctx, Opaque, reduce_sid, sample_max
 
 aten = torch.ops.aten
 _PAD = 1e-12  # added to slopes and extreme values taken at numerically located points
@@ -181,30 +185,119 @@ def leaky_relu(ctx: Ctx, x: Bound, negative_slope: float = 0.01) -> Bound:
     )
 
 
-@rule(aten.hardtanh, aten.clamp, aten.clip)
-def clamp(ctx: Ctx, x: Bound, min: float | None = None, max: float | None = None) -> Bound:
-    """clamp / hardtanh to [min, max]: increasing, slope 1 where the interval meets
-    (min, max), else 0; |clamp(x)| ≤ |x| when min ≤ 0 ≤ max."""
-    if ctx.node is not None and ctx.node.target.overloadpacket is aten.hardtanh:
-        min = -1.0 if min is None else min
-        max = 1.0 if max is None else max
-    if any(not isinstance(v, int | float | type(None)) for v in (min, max)):
-        raise UnsupportedOpError("clamp with tensor bounds that depend on the input")
-    lo_c = -math.inf if min is None else float(min)
-    hi_c = math.inf if max is None else float(max)
+def _clamp_pointwise(ctx: Ctx, x: Bound, lo_c: Any, hi_c: Any) -> Bound:
+    """y = min(max(x, lo_c), hi_c) with constant bounds (numbers, ±inf, or tensors that
+    broadcast to x): increasing, slope 1 where the element's interval meets (lo_c, hi_c),
+    else 0 (the output is constant there); image [clamp(lo), clamp(hi)] (``torch.clamp``,
+    which also gives hi_c wherever lo_c > hi_c, as the op does); |clamp(x)| ≤ |x| when
+    lo_c ≤ 0 ≤ hi_c everywhere."""
+    if isinstance(lo_c, Tensor) or isinstance(hi_c, Tensor):
+        shape = torch.broadcast_shapes(
+            x.shape, *(t.shape for t in (lo_c, hi_c) if isinstance(t, Tensor))
+        )
+        x = broadcast(ctx, x, shape, "clamp")
+        lo_c = torch.as_tensor(lo_c, dtype=F64).expand(shape)
+        hi_c = torch.as_tensor(hi_c, dtype=F64).expand(shape)
+        contractive = bool((lo_c <= 0).all() and (hi_c >= 0).all())
+    else:
+        contractive = lo_c <= 0 <= hi_c
 
     def f(t: Tensor) -> Tensor:
-        return t.clamp(lo_c, hi_c)
+        return torch.clamp(t, lo_c, hi_c)
 
     return pointwise(
         ctx,
         x,
         slope=lambda lo, hi: ((hi > lo_c) & (lo < hi_c)).to(F64),
         image=lambda lo, hi: (f(lo), f(hi)),
-        contractive=lo_c <= 0 <= hi_c,
+        contractive=contractive,
     )
 
 
+def _clamp_value(v: Any, default: float) -> Any:
+    """A clamp bound as a float (``None``: ``default``) or a float64 constant tensor."""
+    if v is None:
+        return default
+    if isinstance(v, Const):
+        return v.t.detach().to(F64)
+    return float(v)
+
+
+@rule(aten.clamp, aten.clip)
+def clamp(ctx: Ctx, x: Bound, min: Any = None, max: Any = None) -> Bound:
+    """clamp(x, min, max) = min(max(x, min), max): constant bounds (numbers or tensors) by
+    :func:`_clamp_pointwise`; a bound that depends on the input makes it an elementwise max
+    and min of two activations (``order.extreme``)."""
+    if isinstance(min, Bound) or isinstance(max, Bound):
+        y = x if min is None else extreme(ctx, x, min, largest=True)
+        return y if max is None else extreme(ctx, y, max, largest=False)
+    return _clamp_pointwise(ctx, x, _clamp_value(min, -math.inf), _clamp_value(max, math.inf))
+
+
+@rule(aten.clamp_min)
+def clamp_min(ctx: Ctx, x: Bound, min: Any) -> Bound:
+    """clamp_min(x, a) = clamp(x, a, None): see :func:`clamp`."""
+    return clamp(ctx, x, min, None)
+
+
+@rule(aten.clamp_max)
+def clamp_max(ctx: Ctx, x: Bound, max: Any) -> Bound:
+    """clamp_max(x, b) = clamp(x, None, b): see :func:`clamp`."""
+    return clamp(ctx, x, None, max)
+
+
+@rule(aten.hardtanh)
+def hardtanh(ctx: Ctx, x: Bound, min_val: float = -1.0, max_val: float = 1.0) -> Bound:
+    """hardtanh = clamp to [min_val, max_val] (default [−1, 1]): :func:`_clamp_pointwise`."""
+    return _clamp_pointwise(ctx, x, float(min_val), float(max_val))
+
+
+@rule(aten.hardsigmoid)
+def hardsigmoid(ctx: Ctx, x: Bound) -> Bound:
+    """hardsigmoid(x) = clamp(x/6 + 1/2, 0, 1): increasing, slope 1/6 on (−3, 3) and 0
+    outside, so sup|f'| over [lo, hi] is 1/6 when the interval meets (−3, 3), else 0;
+    image [f(lo), f(hi)] ⊆ [0, 1]. The slope is padded by float32's epsilon so that it also
+    covers torch's gradient of hardsigmoid, which uses a float32 1/6 in float64."""
+
+    def f(t: Tensor) -> Tensor:
+        return (t / 6 + 0.5).clamp(0.0, 1.0)
+
+    return pointwise(
+        ctx,
+        x,
+        slope=lambda lo, hi: ((hi > -3) & (lo < 3)).to(F64) / 6 * (1 + 2.0**-22),
+        image=lambda lo, hi: (f(lo), f(hi)),
+        contractive=False,
+    )
+
+
+def _hardswish(t: Tensor) -> Tensor:
+    return torch.where(t <= -3, torch.zeros_like(t), t * (t + 3).clamp(0.0, 6.0) / 6)
+
+
+@rule(aten.hardswish)
+def hardswish(ctx: Ctx, x: Bound) -> Bound:
+    """hardswish(x) = x·clamp(x + 3, 0, 6)/6: 0 for x ≤ −3, x for x ≥ 3, x(x + 3)/6 between,
+    where f' = (2x + 3)/6 ∈ [−1/2, 3/2] is increasing. So sup|f'| over [lo, hi] is 1 if
+    hi > 3, and on [a, b] = [lo, hi] ∩ [−3, 3] it is max(|2a + 3|, |2b + 3|)/6; 0 when
+    hi ≤ −3. f decreases on (−3, −3/2) and increases after it: its minimum over [lo, hi]
+    is f(−3/2) = −3/8 when −3/2 ∈ [lo, hi], else min(f(lo), f(hi)), and its maximum is
+    max(f(lo), f(hi)). |f(x)| ≤ |x| (|x + 3| ≤ 6 on [−3, 3])."""
+
+    def slope(lo: Tensor, hi: Tensor) -> Tensor:
+        a, b = lo.clamp(-3.0, 3.0), hi.clamp(-3.0, 3.0)
+        inner = torch.maximum((2 * a + 3).abs(), (2 * b + 3).abs()) / 6
+        inner = torch.where((hi > -3) & (lo < 3), inner, torch.zeros_like(inner))
+        outer = (hi > 3).to(F64)
+        return torch.maximum(inner, outer) * (1 + 1e-15)
+
+    def image(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        fa, fb = _hardswish(lo), _hardswish(hi)
+        low = torch.minimum(fa, fb)
+        low = torch.where((lo <= -1.5) & (hi >= -1.5), torch.full_like(low, -0.375), low)
+        return low, torch.maximum(fa, fb)
+
+    return pointwise(ctx, x, slope=slope, image=image, contractive=True)
 @rule(aten.abs)
 def abs_(ctx: Ctx, x: Bound) -> Bound:
     """|x|: 1-Lipschitz; image [dist(0, [lo, hi]), max(|lo|, |hi|)]."""
@@ -283,27 +376,84 @@ def reciprocal(ctx: Ctx, x: Bound) -> Bound:
     )
 
 
+def _dist0(lo: Tensor, hi: Tensor) -> Tensor:
+    """dist(0, [lo, hi]) elementwise (0 when the interval contains 0)."""
+    return torch.where(lo > 0, lo, torch.where(hi < 0, -hi, torch.zeros_like(lo)))
+
+
+def _integer_pow(ctx: Ctx, x: Bound, n: int) -> Bound:
+    """x^n for an integer n. n = 0: the constant 1 (slope 0). n > 0: |f'| = n·|x|^(n−1)
+    grows with |x|, so its sup over [lo, hi] is n·M^(n−1), M = max(|lo|, |hi|); odd n is
+    increasing (image [lo^n, hi^n]), even n is |x|^n (image [dist(0, I)^n, M^n]). n < 0 needs
+    an interval without 0: there |f'| = |n|·|x|^(n−1) decreases with |x|, sup |n|·m^(n−1)
+    with m = min(|lo|, |hi|), and f is monotone on it (image between the endpoint values).
+    Slopes and images are widened by (|n| + 4) ulps for the float64 powers."""
+    rel = (abs(n) + 4) * 2.0**-52
+    if n == 0:
+        return pointwise(ctx, x, slope=lambda lo, hi: torch.zeros_like(lo),
+                         image=lambda lo, hi: (torch.ones_like(lo), torch.ones_like(hi)),
+                         contractive=False)
+    if n < 0 and not bool(((x.lo > 0) | (x.hi < 0)).all()):
+        raise UnsupportedOpError(
+            f"pow(x, {n}) of an activation whose bounds include 0 has no finite bound"
+        )
+
+    def widen(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return a - rel * a.abs(), b + rel * b.abs()
+
+    def slope(lo: Tensor, hi: Tensor) -> Tensor:
+        if n > 0:
+            big = torch.maximum(lo.abs(), hi.abs())
+            return n * big.pow(n - 1) * (1 + rel)
+        small = torch.minimum(lo.abs(), hi.abs())
+        return abs(n) * small.pow(n - 1) * (1 + rel)
+
+    def image(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = lo.pow(n), hi.pow(n)
+        if n > 0 and n % 2 == 0:
+            return widen(_dist0(lo, hi).pow(n), torch.maximum(a, b))
+        return widen(torch.minimum(a, b), torch.maximum(a, b))
+
+    return pointwise(ctx, x, slope=slope, image=image, contractive=False)
+
+
+def _scalar_base_pow(ctx: Ctx, c: float, x: Bound) -> Bound:
+    """c^x = exp(x·ln c) for a constant base c > 0: monotone, |f'| = |ln c|·c^x, largest at
+    an endpoint of [lo, hi]; c = 1 is the constant 1."""
+    if not c > 0:
+        raise UnsupportedOpError(f"pow({c}, x) with a base ≤ 0 is not Lipschitz")
+    k = abs(math.log(c))
+
+    def slope(lo: Tensor, hi: Tensor) -> Tensor:
+        return k * torch.maximum(torch.pow(c, lo), torch.pow(c, hi)) * (1 + 1e-14) + 1e-300
+
+    def image(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = torch.pow(c, lo), torch.pow(c, hi)
+        return torch.minimum(a, b), torch.maximum(a, b)
+
+    return pointwise(ctx, x, slope=slope, image=image, contractive=False)
+
+
 @rule(aten.pow)
-def pow_(ctx: Ctx, x: Bound, exponent: float) -> Bound:
-    """x^p for a constant p: p = 2 (slope 2·max|x|, image [dist(0,I)², max(lo², hi²)]);
-    p = 1 the identity; other p on positive intervals (monotone, |f'| = |p|·x^(p−1) is
-    largest at an endpoint)."""
+def pow_(ctx: Ctx, x: Any, exponent: Any) -> Bound:
+    """x^p for a constant p: p = 1 is the identity, an integer p goes to
+    :func:`_integer_pow` (x³ in GPT-2's tanh GELU, x² in RMSNorm), any other p needs a
+    positive interval (monotone, |f'| = |p|·x^(p−1) is largest at an endpoint). A constant
+    base and an activation exponent (``pow.Scalar``): :func:`_scalar_base_pow`."""
+    if not isinstance(x, Bound):
+        if not isinstance(x, int | float):
+            raise UnsupportedOpError("pow with a tensor base and an activation exponent")
+        return _scalar_base_pow(ctx, float(x), exponent)
+    if isinstance(exponent, Const) and exponent.t.numel() == 1:
+        exponent = float(exponent.t)
     if not isinstance(exponent, int | float):
-        raise UnsupportedOpError("pow with an exponent that depends on the input")
+        raise UnsupportedOpError("pow with an exponent that depends on the input or varies "
+                                 "by element")
     p = float(exponent)
     if p == 1.0:
         return x
-    if p == 2.0:
-        return pointwise(
-            ctx,
-            x,
-            slope=lambda lo, hi: 2 * torch.maximum(lo.abs(), hi.abs()) * (1 + 1e-15),
-            image=lambda lo, hi: (
-                torch.where(lo > 0, lo, torch.where(hi < 0, -hi, torch.zeros_like(lo))).square(),
-                torch.maximum(lo.square(), hi.square()),
-            ),
-            contractive=False,
-        )
+    if p.is_integer():
+        return _integer_pow(ctx, x, int(p))
     _positive(x, f"pow(x, {p})")
 
     def slope(lo: Tensor, hi: Tensor) -> Tensor:
@@ -314,10 +464,6 @@ def pow_(ctx: Ctx, x: Bound, exponent: float) -> Bound:
         return torch.minimum(a, b), torch.maximum(a, b)
 
     return pointwise(ctx, x, slope=slope, image=image, contractive=False)
-
-
-# --------------------------------------------------------------------------- softmax
-
 
 @rule(aten._softmax, aten.softmax)
 def softmax(ctx: Ctx, x: Bound, dim: int, *args: object) -> Bound:
@@ -358,16 +504,24 @@ def softmax(ctx: Ctx, x: Bound, dim: int, *args: object) -> Bound:
     )
 
 
-@rule(aten.dropout, aten.native_dropout, aten.feature_dropout, aten.alpha_dropout)
-def dropout(ctx: Ctx, x: Bound, p: float = 0.5, train: bool | None = False) -> Bound:
-    """Dropout in eval mode is the identity; in train mode it is random (refused)."""
-    if train:
+def _eval_only(train: bool | None) -> None:
+    """Refuse dropout unless ``train`` is False (``native_dropout`` reads None as True)."""
+    if train is None or train:
         raise UnsupportedOpError(
             "dropout in training mode: put the model in eval mode (model.eval()) first"
         )
-    if ctx.node is not None and ctx.node.target.overloadpacket is aten.native_dropout:
-        from lipcert.bounds.state import Opaque
 
-        return (x, Opaque("dropout mask"))  # type: ignore[return-value]
-    ctx.notes["exact"] = True
-    return x
+
+@rule(aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout)
+def dropout(ctx: Ctx, x: Bound, p: float = 0.5, train: bool | None = False) -> Bound:
+    """Dropout in eval mode is the identity; in train mode it is random (refused)."""
+    _eval_only(train)
+    return Exact(x)  # type: ignore[return-value]
+
+
+@rule(aten.native_dropout)
+def native_dropout(ctx: Ctx, x: Bound, p: float, train: bool | None) -> tuple[Any, ...]:
+    """native_dropout in eval mode (``train`` False): the identity, and a mask of ones, which
+    is an auxiliary output (opaque); in train mode (True, or None) it is random (refused)."""
+    _eval_only(train)
+    return Exact((x, Opaque("dropout mask")))  # type: ignore[return-value]

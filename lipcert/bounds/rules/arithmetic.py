@@ -9,81 +9,22 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from lipcert.bounds.errors import UnsupportedOpError
 from lipcert.bounds.registry import rule
+from lipcert.bounds.rules.affine import const64, linear_comb, safe_mul, scale
 from lipcert.bounds.rules.shape import broadcast
 from lipcert.bounds.state import (
-    F64,
     Bound,
-    Const,
     Ctx,
     gamma,
     max_abs,
     reduce_sid,
     row_sid,
-    sample_max,
-    sample_sum,
     unify_sid,
 )
 
 aten = torch.ops.aten
-
-
-def _shape_of(x: Any) -> torch.Size:
-    if isinstance(x, Bound | Const):
-        return x.shape
-    return torch.Size([])
-
-
-def _const64(x: Any) -> Tensor:
-    t = x.t if isinstance(x, Const) else torch.as_tensor(x)
-    return t.detach().to(F64)
-
-
-def safe_mul(a: Tensor, b: Tensor) -> Tensor:
-    """a·b with 0·∞ = 0 (a bound times an exactly-zero factor)."""
-    return torch.where((a == 0) | (b == 0), torch.zeros((), dtype=F64), a * b)
-
-
-def linear_comb(ctx: Ctx, terms: list[tuple[float, Any]]) -> Bound:
-    """Bounds of Σ c_i·x_i (x_i Bounds, constants or numbers; broadcasting).
-
-    Derivation: Δ(Σ c_i x_i) = Σ c_i Δx_i, so lip ≤ Σ|c_i| lip_i (also per row, and for the
-    norms); a constant term shifts the intervals and adds its own norm.
-    """
-    shape = torch.broadcast_shapes(*(_shape_of(x) for _, x in terms))
-    bounds = [
-        (c, broadcast(ctx, x, shape, f"t{i}"))
-        for i, (c, x) in enumerate(terms)
-        if isinstance(x, Bound) and c != 0
-    ]
-    const = torch.zeros((), dtype=F64)
-    for c, x in terms:
-        if not isinstance(x, Bound) and c != 0:
-            const = const + c * _const64(x)
-    const = const.expand(shape)
-    sid = unify_sid(shape, *(b.sid for _, b in bounds))
-    lo = const.clone()
-    hi = const.clone()
-    lip = ctx.full(0.0)
-    lip_tok = ctx.full(0.0)
-    norm = ctx.full(0.0)
-    tok = ctx.full(0.0)
-    for c, b in bounds:
-        lo = lo + (c * b.lo if c > 0 else c * b.hi)
-        hi = hi + (c * b.hi if c > 0 else c * b.lo)
-        lip = lip + abs(c) * b.lip
-        lip_tok = lip_tok + abs(c) * b.lip_tok
-        norm = norm + abs(c) * b.norm
-        tok = tok + abs(c) * b.tok_norm
-    if bool((const != 0).any()):
-        norm = norm + sample_sum(const.square(), sid, ctx.n).sqrt() * (1 + gamma(const.numel()))
-        rows = const.reshape(1, 1) if const.dim() == 0 else const
-        row_sq = rows.square().sum(-1) * (1 + gamma(rows.shape[-1]))
-        tok = tok + row_sq.max().sqrt() if row_sq.numel() else tok
-    return Bound(lo, hi, lip, lip_tok, norm, tok, sid=sid)
 
 
 @rule(aten.add)
@@ -94,7 +35,13 @@ def add(ctx: Ctx, a: Any, b: Any, alpha: float = 1) -> Bound:
 
 @rule(aten.sub)
 def sub(ctx: Ctx, a: Any, b: Any, alpha: float = 1) -> Bound:
-    """a − α·b: see :func:`linear_comb`."""
+    """a − α·b: see :func:`linear_comb`; a centring x − mean(x, dims, keepdim=True) is an
+    orthogonal projection (``decomposed.centre``)."""
+    from lipcert.bounds.rules.decomposed import centre, centring_pattern
+
+    dims = centring_pattern(ctx.node)
+    if dims is not None and isinstance(a, Bound):
+        return centre(ctx, a, dims)
     return linear_comb(ctx, [(1.0, a), (-float(alpha), b)])
 
 
@@ -108,26 +55,6 @@ def rsub(ctx: Ctx, a: Any, b: Any, alpha: float = 1) -> Bound:
 def neg(ctx: Ctx, a: Bound) -> Bound:
     """−a: an isometry."""
     return linear_comb(ctx, [(-1.0, a)])
-
-
-def scale(ctx: Ctx, a: Bound, c: Tensor) -> Bound:
-    """a ⊙ c for a constant c (broadcast): |Δ(a_e c_e)| ≤ max|c|·|Δa_e|, so lip, lip_tok and
-    the norms scale by the largest |c| over each sample's elements."""
-    shape = torch.broadcast_shapes(a.shape, c.shape)
-    a = broadcast(ctx, a, shape, "scaled")
-    ce = c.expand(shape)
-    p1, p2 = safe_mul(a.lo, ce), safe_mul(a.hi, ce)
-    m = sample_max(ce.abs(), a.sid, ctx.n)
-    return Bound(
-        torch.minimum(p1, p2),
-        torch.maximum(p1, p2),
-        m * a.lip,
-        m * a.lip_tok,
-        m * a.norm,
-        m * a.tok_norm,
-        sid=a.sid,
-        tok_l1=None if a.tok_l1 is None else m * a.tok_l1,
-    )
 
 
 def product(ctx: Ctx, a: Bound, b: Bound) -> Bound:
@@ -153,30 +80,56 @@ def product(ctx: Ctx, a: Bound, b: Bound) -> Bound:
     )
 
 
+def _written_out_rms(ctx: Ctx, operands: tuple[Any, ...]) -> Bound | None:
+    """The RMSNorm bound if this node is x·rsqrt(mean(x²) + ε) or x / sqrt(mean(x²) + ε)
+    (``decomposed.rms_pattern``), else ``None``."""
+    from lipcert.bounds.rules.decomposed import rms_over, rms_pattern
+
+    found = rms_pattern(ctx.node)
+    if found is None or not isinstance(operands[found[0]], Bound):
+        return None
+    i, dims, eps = found
+    return rms_over(ctx, operands[i], dims, eps)
+
+
 @rule(aten.mul)
 def mul(ctx: Ctx, a: Any, b: Any) -> Bound:
-    """a ⊙ b: by a constant (:func:`scale`) or of two activations (:func:`product`)."""
+    """a ⊙ b: by a constant (:func:`scale`) or of two activations (:func:`product`); a
+    tensor times itself is its square (the pow rule: its interval is [dist(0, I)², M²],
+    where the interval product would admit negative values); a written-out RMSNorm is one
+    normalisation (:func:`_written_out_rms`)."""
+    fused = _written_out_rms(ctx, (a, b))
+    if fused is not None:
+        return fused
+    if a is b and isinstance(a, Bound):
+        from lipcert.bounds.rules.activation import pow_
+
+        return pow_(ctx, a, 2)
     if not isinstance(a, Bound):
         a, b = b, a
     if isinstance(b, Bound):
         return product(ctx, a, b)
-    return scale(ctx, a, _const64(b))
+    return scale(ctx, a, const64(b))
 
 
 @rule(aten.div)
 def div(ctx: Ctx, a: Any, b: Any, rounding_mode: str | None = None) -> Bound:
     """a / b: a constant b is a scaling by 1/b (intervals divided directly); an activation b
-    goes through the reciprocal rule, then the product rule."""
+    goes through the reciprocal rule, then the product rule; a written-out RMSNorm
+    x / sqrt(mean(x²) + ε) is one normalisation (:func:`_written_out_rms`)."""
     if rounding_mode is not None:
         raise UnsupportedOpError(f"division with rounding_mode={rounding_mode!r} is not Lipschitz")
+    fused = _written_out_rms(ctx, (a, b))
+    if fused is not None:
+        return fused
     if isinstance(b, Bound):
         from lipcert.bounds.rules.activation import reciprocal
 
         rb = reciprocal(ctx, b)
         if isinstance(a, Bound):
             return product(ctx, a, rb)
-        return scale(ctx, rb, _const64(a))
-    c = _const64(b)
+        return scale(ctx, rb, const64(a))
+    c = const64(b)
     out = scale(ctx, a, 1.0 / c)
     q1, q2 = a.lo / c, a.hi / c
     lo, hi = torch.minimum(q1, q2), torch.maximum(q1, q2)

@@ -3,7 +3,7 @@
 One attention matrix (one batch entry and head): queries q_i, keys k_j, values v_j, scores
 s_ij = c·q_i·k_j (c the scale, default 1/√E), p_i = softmax_j(s_ij) over the allowed j
 (causal or boolean masks only remove j; additive masks are constants), y_i = Σ_j p_ij v_j.
-Perturbing the inputs (DESIGN.md, "Attention in the max-token norm"):
+Perturbing the inputs (docs/attention.md, "What the certificate engine computes"):
 
     dy_i = Σ_j p_ij dv_j + Σ_j p_ij (v_j − v̄_i)(ds_ij − a_i)
 
@@ -21,14 +21,18 @@ and ρ ≤ R (centre 0), or the half-diagonal of the rows' bounding box about it
 ‖P dV‖_F ≤ ‖P‖₂‖dV‖_F ≤ √(max column sum)·‖dV‖_F (Schur: ‖P‖₂² ≤ ‖P‖₁‖P‖_∞ and rows
 sum to 1), and the key term Σ_i Σ_j p_ij ‖dk_j‖² ≤ (max column sum)·‖dK‖_F², so
 lip ≤ κ·lip(v) + ρ_v·c·(ρ_k·lip(q) + κ·R_q·lip(k)) with κ² a bound of the column sums.
-Columns sum to at most L. Without a mask, the shifted scores t_ij = c·q_i·(k_j − m_k) give
-the same softmax and |t_ij| ≤ B = c·R_q·ρ_k, so p_ij ≤ e^B/(S·e^{−B}) and every column
-sums to at most L·e^{2B}/S: κ = min(√L, e^B·√(L/S)). For bounded scores (small B) this is
-about 1 instead of √L: attention is then close to an average, which is non-expansive.
-Each output row is a convex
-combination of value rows: its interval is the hull of theirs (causal: of j ≤ i) and its
-norm is ≤ R_v. With unit weights and R = √d this is the paper's one-head bound
-‖W_V‖(1 + 2R²‖A‖); several heads are merged later by the reshape rule (× √H per token).
+Columns sum to at most L. The shifted scores t_ij = c·q_i·(k_j − m_k) give the same
+softmax and |t_ij| ≤ B = c·R_q·ρ_k. With the additive mask a_ij (0 or −inf for boolean and
+causal masks, 0 without a mask), p_ij = e^{t_ij + a_ij} / Σ_l e^{t_il + a_il} ≤ e^{2B}·A_ij
+for A = softmax_j(a_ij), so every column sums to at most e^{2B}·max_j Σ_i A_ij:
+κ = min(√L, e^B·√(max_j Σ_i A_ij)). Without a mask A_ij = 1/S and this is e^B·√(L/S); for a
+causal mask (A_ij = 1/(i+1), j ≤ i) it is e^B·√(1 + 1/2 + … + 1/L). For bounded scores
+(small B) this is about 1 instead of √L: attention is then close to an average, which is
+non-expansive. Each output row is a convex combination of value rows: its interval is the
+hull of theirs (causal: of j ≤ i) and its norm is ≤ R_v; a row whose keys are all masked
+is 0 (as torch computes it), so its interval also holds 0. With unit weights and R = √d
+this is the paper's one-head bound ‖W_V‖(1 + 2R²‖A‖); several heads are merged later by
+the reshape rule (× √H per token).
 """
 
 from __future__ import annotations
@@ -77,6 +81,34 @@ def centred_radius(ctx: Ctx, x: Bound, msid: Tensor | None) -> Tensor:
     return rho
 
 
+def mask_mass(attn_mask: Any, is_causal: bool, n_q: int, n_k: int
+              ) -> tuple[float, Tensor | None]:
+    """(κ₀², dead rows) of a mask: κ₀² = max_j Σ_i A_ij for A = softmax over the keys of
+    the additive mask (0 / −inf for a boolean or causal mask; A_ij = 1/S without one) of
+    n_q queries and n_k keys, an
+    upper bound of every column sum of the attention matrix divided by e^{2B} (module
+    docstring), rounded up; dead: the rows (…, L) whose keys are all masked (``None`` if
+    there are none), where the output is 0."""
+    if attn_mask is None and not is_causal:
+        return n_q / n_k, None
+    if is_causal:
+        add = torch.zeros(n_q, n_k, dtype=F64).masked_fill(
+            ~torch.ones(n_q, n_k, dtype=torch.bool).tril(), -math.inf)
+    else:
+        m = attn_mask.t
+        if m.dtype == torch.bool:
+            add = torch.zeros(m.shape, dtype=F64).masked_fill(~m, -math.inf)
+        else:
+            add = m.detach().to(F64)
+            if bool((torch.isnan(add) | (add == math.inf)).any()):
+                raise UnsupportedOpError("an attention mask with NaN or +inf entries")
+        add = add.expand(torch.broadcast_shapes(add.shape, (n_q, n_k)))
+    dead = torch.isneginf(add).all(-1)
+    A = torch.nan_to_num(torch.softmax(add, dim=-1), nan=0.0)
+    mass = float(A.sum(-2).amax()) * (1 + gamma(n_q + n_k + 8))
+    return mass, dead if bool(dead.any()) else None
+
+
 @rule(aten.scaled_dot_product_attention)
 def sdpa(
     ctx: Ctx,
@@ -123,10 +155,14 @@ def sdpa(
     rho_k = centred_radius(ctx, k, sk)
     rho_v = centred_radius(ctx, v, sv)
     lip_tok = v.lip_tok + rho_v * c * (q.lip_tok * rho_k + rq * k.lip_tok)
+    mass, dead = ctx.cached(
+        ctx.shape_cache,
+        ctx.key("sdpa_mask", None if attn_mask is None else tuple(attn_mask.shape), L, S),
+        lambda: mask_mass(attn_mask, is_causal, L, S),
+    )
     kappa = torch.full_like(rq, math.sqrt(L))
-    if attn_mask is None and not is_causal:
-        spread = torch.exp(c * rq * rho_k * (1 + 1e-15)) * (math.sqrt(L / S) * (1 + 8 * U))
-        kappa = torch.minimum(kappa, spread)
+    spread = torch.exp(c * rq * rho_k * (1 + 1e-15)) * (math.sqrt(mass) * (1 + 8 * U))
+    kappa = torch.minimum(kappa, spread)
     lip = kappa * v.lip + rho_v * c * (rho_k * q.lip + kappa * rq * k.lip)
     # intervals: convex hull of the value rows (j ≤ i when causal)
     if is_causal:
@@ -140,9 +176,10 @@ def sdpa(
     hi = vhi.expand(out_shape).clone()
     lo = lo - gamma(S) * lo.abs()
     hi = hi + gamma(S) * hi.abs()
-    ctx.notes["attention"] = {
-        "rho_k": rho_k, "rho_v": rho_v, "r_q": rq, "scale": c,
-    }
+    if dead is not None:  # rows with every key masked: torch returns zeros
+        dead = dead.unsqueeze(-1).expand(out_shape)
+        lo = torch.where(dead, lo.clamp(max=0.0), lo)
+        hi = torch.where(dead, hi.clamp(min=0.0), hi)
     return Bound(
         lo.to(F64),
         hi.to(F64),

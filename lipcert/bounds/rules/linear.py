@@ -18,7 +18,7 @@ from torch import Tensor
 from lipcert import spectral
 from lipcert.bounds.errors import BatchMixingError, UnsupportedOpError
 from lipcert.bounds.registry import rule
-from lipcert.bounds.rules.arithmetic import linear_comb
+from lipcert.bounds.rules.affine import linear_comb
 from lipcert.bounds.rules.shape import broadcast, gather_core
 from lipcert.bounds.state import (
     F64,
@@ -149,7 +149,6 @@ def right_linear(ctx: Ctx, x: Bound, w: Const, bias: Const | None, what: str) ->
         sid=sid,
         value=value,
     )
-    ctx.notes["factor"] = s
     return out
 
 
@@ -173,7 +172,6 @@ def left_linear(ctx: Ctx, a: Const, x: Bound) -> Bound:
     else:
         lo = torch.full(out_shape, -math.inf, dtype=F64)
         hi = torch.full(out_shape, math.inf, dtype=F64)
-    ctx.notes["factor"] = s
     return Bound(
         lo,
         hi,
@@ -381,7 +379,6 @@ def conv(ctx: Ctx, x: Bound, weight: Any, bias: Any = None, *args: Any) -> Bound
     positions = math.prod(out_shape[-nd:])
     b_norm = 0.0 if b is None else float(torch.linalg.vector_norm(b)) * (1 + gamma(b.numel()))
     inf = ctx.full(math.inf)
-    ctx.notes["factor"] = s
     return Bound(
         lo,
         hi,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lipcert.bounds.errors import BatchMixingError, UnsupportedOpError
 from lipcert.bounds.registry import rule
-from lipcert.bounds.rules.arithmetic import linear_comb, scale
+from lipcert.bounds.rules.affine import linear_comb, scale
 from lipcert.bounds.state import (
     F64,
     Bound,
@@ -47,10 +47,10 @@ def _const(x: Any, what: str) -> Tensor | None:
         return None
     if isinstance(x, Bound):
         raise UnsupportedOpError(f"{what} that depends on the model input")
-    return (x.t if isinstance(x, Const) else torch.as_tensor(x)).detach().to(F64)
+    return (x.t if isinstance(x, Const) else torch.as_tensor(x, dtype=F64)).detach().to(F64)
 
 
-def _normalize(
+def normalize(
     ctx: Ctx,
     x: Bound,
     k: int,
@@ -91,7 +91,6 @@ def _normalize(
     var_min = low.square() / d * (1 - 4 * 2.0**-53)
     factor = gmax / torch.sqrt(var_min + eps) * (1 + 1e-15)
     f = sample_max(factor, gsid, ctx.n)
-    ctx.notes["factor"] = float(f.max())
     # output bounds
     comp = math.sqrt(d - 1) if centred else math.sqrt(d)
     gabs = torch.ones(x.shape[-k:], dtype=F64) if g is None else g.abs().expand(x.shape[-k:])
@@ -123,7 +122,7 @@ def layer_norm(
     *args: Any,
 ) -> Bound:
     """LayerNorm: lip ≤ max|γ|/√(var_min + ε) (module docstring)."""
-    return _normalize(ctx, x, len(normalized_shape), weight, bias, float(eps), centred=True)
+    return normalize(ctx, x, len(normalized_shape), weight, bias, float(eps), centred=True)
 
 
 @rule(aten.native_layer_norm)
@@ -131,7 +130,7 @@ def native_layer_norm(
     ctx: Ctx, x: Bound, normalized_shape: list[int], weight: Any, bias: Any, eps: float
 ) -> tuple[Any, ...]:
     """native_layer_norm: the LayerNorm rule for the output; mean and rstd are opaque."""
-    out = _normalize(ctx, x, len(normalized_shape), weight, bias, float(eps), centred=True)
+    out = normalize(ctx, x, len(normalized_shape), weight, bias, float(eps), centred=True)
     return (out, Opaque("layer_norm mean"), Opaque("layer_norm rstd"))
 
 
@@ -144,7 +143,7 @@ def rms_norm(
         val = ctx.node.meta.get("val") if ctx.node is not None else None
         dtype = val.dtype if isinstance(val, Tensor) else torch.float32
         eps = torch.finfo(dtype).eps
-    return _normalize(ctx, x, len(normalized_shape), weight, None, float(eps), centred=False)
+    return normalize(ctx, x, len(normalized_shape), weight, None, float(eps), centred=False)
 
 
 def _affine_channels(ctx: Ctx, x: Bound, sc: Tensor, sh: Tensor) -> Bound:
@@ -175,7 +174,6 @@ def _bn(
     sc = inv if g is None else g * inv
     sh = -mu * sc if b is None else b - mu * sc
     out = _affine_channels(ctx, x, sc, sh)
-    ctx.notes["factor"] = float(sc.abs().max())
     return out
 
 

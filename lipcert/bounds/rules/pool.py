@@ -95,7 +95,6 @@ def _pooled(ctx: Ctx, x: Bound, lo: Tensor, hi: Tensor, factor: float, nd: int, 
             ) -> Bound:
     """The bound of a pooling whose Lipschitz factor (whole tensor) is ``factor``: lip, lip_tok
     and norm scale by it (lip_tok by the whole-tensor value, since pooling mixes rows)."""
-    ctx.notes["factor"] = factor
     return Bound(lo, hi, factor * x.lip, factor * x.lip, factor * x.norm, ctx.full(math.inf),
                  sid=_plane_sid(x, lo.shape, nd, what))
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lipcert.bounds.errors import UnsupportedOpError
-from lipcert.bounds.registry import rule
+from lipcert.bounds.registry import Exact, rule
 from lipcert.bounds.state import F64, Bound, Const, Ctx, sid_or_wild
 
 aten = torch.ops.aten
@@ -183,12 +183,23 @@ def _stats_key(ctx: Ctx, op: Any, flat: list[Any], spec: Any, idx: list[int]) ->
     return ("gather", op, spec, tuple(leaves))
 
 
-def _mark_exact(ctx: Ctx, inputs: list[Bound], out: Any) -> None:
-    """Tell finalisation that no element was dropped: intervals and norms moved exactly."""
+def _mark_exact(inputs: list[Bound], out: Any) -> Any:
+    """``Exact(out)`` when no element was dropped (intervals and norms moved exactly), so
+    finalisation skips the interval work; else ``out``."""
     n_in = sum(b.lo.numel() for b in inputs)
     outs = [o for o in tree_flatten(out)[0] if isinstance(o, Bound)]
-    if len(outs) == 1 and outs[0].lo.numel() >= n_in:
-        ctx.notes["exact"] = True
+    return Exact(out) if len(outs) == 1 and outs[0].lo.numel() >= n_in else out
+
+
+def as_bound(ctx: Ctx, x: Any) -> Bound:
+    """``ctx.to_bound(x)``, and for a constant without elements (a GPT-2's empty KV cache,
+    which ``cat`` skips) a Bound with zero norms: it contributes nothing."""
+    if isinstance(x, Const) and x.t.numel() == 0:
+        t = x.t.detach().to(F64)
+        zero = ctx.full(0.0)
+        return Bound(t, t, zero, zero.clone(), zero.clone(), zero.clone(),
+                     value=t if ctx.local else None)
+    return ctx.to_bound(x)
 
 
 def gather(
@@ -204,7 +215,7 @@ def gather(
     ``Bound``/``Const`` among the (nested) arguments is an input."""
     kwargs = kwargs or {}
     flat, spec, idx = _operands(args, kwargs)
-    inputs = [ctx.to_bound(flat[i]) for i in idx]
+    inputs = [as_bound(ctx, flat[i]) for i in idx]
 
     def caller(target: Any) -> Callable[[list[Tensor]], Any]:
         def call(tensors: list[Tensor]) -> Any:
@@ -225,7 +236,7 @@ def gather(
         const_fill=const_fill,
     )
     if not const_fill and all(isinstance(flat[i], Bound) for i in idx):
-        _mark_exact(ctx, inputs, out)
+        return _mark_exact(inputs, out)
     return out
 
 
@@ -311,7 +322,7 @@ def embedding(ctx: Ctx, weight: Any, indices: Any, *rest: Any) -> Bound:
             "aten.embedding: the token ids are the certified input, which is not a continuous "
             "input; certify the model in embedding space (lipcert.models.EmbeddingSpaceGPT)"
         )
-    return gather(ctx, aten.index_select.default, (weight, 0, indices.t.reshape(-1)))
+    return gather(ctx, aten.embedding.default, (weight, indices))
 
 
 @rule(aten.constant_pad_nd, aten.pad)
@@ -354,14 +365,25 @@ def identity(ctx: Ctx, x: Bound, *args: Any, **kwargs: Any) -> Bound:
     dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
     if dtype is not None and not dtype.is_floating_point:
         raise UnsupportedOpError(f"conversion of an activation to {dtype} is not Lipschitz")
-    ctx.notes["exact"] = True
-    return x
+    return Exact(x)  # type: ignore[return-value]
 
 
-@rule(aten.sym_size, aten.sym_numel, aten.sym_stride, aten.size, aten.numel, aten.dim)
+@rule(aten.sym_size, aten.sym_numel, aten.size, aten.numel, aten.dim)
 def sizes(ctx: Ctx, x: Bound, *args: Any) -> Any:
     """Shape queries are exact (bounds have the node's real shape)."""
     return ctx.node.target(x.lo, *args)
+
+
+@rule(aten.sym_stride)
+def stride(ctx: Ctx, x: Bound, dim: int) -> int:
+    """A stride is the real tensor's, which the bound tensors (possibly expanded views) need
+    not share: it is read from the graph node's recorded value, which must be a number."""
+    val = ctx.node.meta.get("val")
+    if not isinstance(val, int):
+        raise UnsupportedOpError(
+            "sym_stride of an activation whose stride is not a fixed number in the graph"
+        )
+    return val
 
 
 @rule(

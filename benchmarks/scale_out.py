@@ -1,0 +1,173 @@
+"""Scale-out: ``lipcert attack`` and certify's exact weight norms at 1 vs 2 processes.
+
+Side by side in one run, alternating so that both see the same machine load, every process
+on one thread (``OMP_NUM_THREADS=1``), the two-process runs started by ``torchrun
+--standalone --nproc-per-node 2`` (gloo):
+
+* **attack**: ``lipcert attack`` with PGD-L2 (ε 1, 20 steps) and AutoAttack (L∞, ε 8/255,
+  standard version) on the first N MNIST test images of a ``vit-mnist-standard-tiny`` run
+  (trained here once, 100 steps). Wall time of the whole command (start-up and loading
+  included). Target speed-up ≥ 1.7×. The two CSVs must be byte-identical.
+* **norms**: ``lipcert.certify`` (global mode, exact norms) of a GPT-2-medium-shaped
+  ``.pt2`` (``nn.TransformerEncoder``, 24 pre-LN blocks, d 1,024, 16 heads, MLP 4,096,
+  unembedding to 50,257, random weights, one embedded sequence of ``--context`` tokens).
+  Time of the certify call on rank 0 after every rank has loaded the program (norms, the
+  planning walk and the propagation; start-up and loading excluded, and printed apart).
+  Target speed-up ≥ 1.6×. The bounds (global, inf for this pre-LN model on its box, and
+  every layer's) must be equal. Rank 0's CPU seconds are printed
+  too: on a machine whose cores other jobs share, a second process gets less than a core,
+  and the CPU time shows how much work each rank was left with.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_out.py [--n 1000] [--repeats 3]
+
+Writes ``summary.json`` under ``--out`` (default ``runs/scale-out``), reusing the trained
+run and the exported ``.pt2`` found there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve()
+LIPCERT = Path(sys.executable).with_name("lipcert")
+
+
+class GPT2Medium(nn.Module):
+    """Embedded sequence (B, T, 1024) → next-token logits at the last position (B, 50257)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(1024, 16, 4096, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, 24, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(1024)
+        self.unembed = nn.Linear(1024, 50257, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unembed(self.norm(self.blocks(x))[:, -1, :])
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _launch(procs: int, argv: list[str]) -> list[str]:
+    """``argv`` (a Python script and its arguments) in one process, or under torchrun."""
+    if procs == 1:
+        return [sys.executable, *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={procs}", *argv]
+
+
+def _prepare(out: Path, context: int) -> tuple[Path, Path]:
+    run, pt2 = out / "vit", out / "gpt2-medium.pt2"
+    if not (run / "model.safetensors").exists():
+        subprocess.run([str(LIPCERT), "train", "--preset", "vit-mnist-standard-tiny",
+                        "--steps", "100", "--out", str(run), "--quiet"],
+                       check=True, env=_env())
+    if not pt2.exists():
+        torch.manual_seed(0)
+        model = GPT2Medium().eval()
+        example = torch.randn(2, context, 1024) * 0.5
+        torch.export.save(torch.export.export(model, (example,)), pt2)
+    return run, pt2
+
+
+def _attack(procs: int, run: Path, n: int, csv: Path) -> float:
+    argv = [str(LIPCERT), "attack", str(run), "--data", "mnist", "-n", str(n),
+            "--attacks", "pgdl2,autoattack", "--eps-l2", "1", "--eps-linf", "8/255",
+            "--quiet", "--overwrite", "-o", str(csv)]
+    started = time.perf_counter()
+    subprocess.run(_launch(procs, argv), check=True, env=_env(), stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def _norms(procs: int, pt2: Path, context: int) -> dict[str, float]:
+    argv = [str(HERE), "--norms-worker", str(pt2), "--context", str(context)]
+    started = time.perf_counter()
+    done = subprocess.run(_launch(procs, argv), check=True, env=_env(), capture_output=True,
+                          text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    return {**json.loads(lines[-1]), "command_s": time.perf_counter() - started}
+
+
+def norms_worker(pt2: Path, context: int) -> None:
+    """One rank: load the program, wait for the others, certify, print rank 0's times."""
+    from lipcert.certificate import certify
+    from lipcert.distributed import broadcast, world
+    from lipcert.loading import load_model
+
+    started = time.perf_counter()
+    program = load_model(str(pt2)).program
+    torch.manual_seed(0)
+    x = torch.randn(1, context, 1024) * 0.5
+    label = program.module()(x.expand(2, -1, -1))[:1].argmax(1)
+    load_s = time.perf_counter() - started
+    broadcast(None)  # every rank has loaded
+    started, cpu = time.perf_counter(), time.process_time()
+    cert = certify(program, x, label, domain=(-1e3, 1e3), mode="global", method="exact")
+    certify_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    if world().main:
+        print(json.dumps({"certify_s": certify_s, "certify_cpu_s": cpu_s, "load_s": load_s,
+                          "global_bound_s": cert.timing_s["global_bound"],
+                          "lipschitz_upper": cert.lipschitz_upper,
+                          "layers": [row.upper for row in cert.layers]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000, help="MNIST images attacked")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--context", type=int, default=16, help="tokens of the sequence")
+    parser.add_argument("--out", type=Path, default=Path("runs/scale-out"))
+    parser.add_argument("--norms-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.norms_worker is not None:
+        norms_worker(args.norms_worker, args.context)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    run, pt2 = _prepare(args.out, args.context)
+    attack_s: dict[int, list[float]] = {1: [], 2: []}
+    norms: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    for rep in range(args.repeats):
+        for procs in (1, 2):
+            csv = args.out / f"attacks-{procs}.csv"
+            attack_s[procs].append(_attack(procs, run, args.n, csv))
+            norms[procs].append(_norms(procs, pt2, args.context))
+            print(f"run {rep + 1}, {procs} process(es): attack {attack_s[procs][-1]:.1f} s, "
+                  f"certify {norms[procs][-1]['certify_s']:.1f} s (CPU of rank 0 "
+                  f"{norms[procs][-1]['certify_cpu_s']:.1f} s, command "
+                  f"{norms[procs][-1]['command_s']:.1f} s)", flush=True)
+        same_csv = ((args.out / "attacks-1.csv").read_bytes()
+                    == (args.out / "attacks-2.csv").read_bytes())
+        if not same_csv:
+            raise SystemExit("the attack CSVs of 1 and 2 processes differ")
+    # the global bound of a pre-LN model on this box is inf: compare every layer's bound too
+    bounds = {json.dumps([r["lipschitz_upper"], r["layers"]]) for runs in norms.values()
+              for r in runs}
+    if len(bounds) != 1:
+        raise SystemExit("the certified bounds of 1 and 2 processes differ")
+    summary = {"n": args.n, "repeats": args.repeats, "context": args.context}
+    for what, times in (("attack", attack_s),
+                        ("norms", {p: [r["certify_s"] for r in rs] for p, rs in norms.items()})):
+        one, two = statistics.median(times[1]), statistics.median(times[2])
+        summary[what] = {"median_1_s": one, "median_2_s": two, "speed_up": one / two}
+        print(f"{what}: median {one:.1f} s with 1 process, {two:.1f} s with 2: "
+              f"speed-up {one / two:.2f}x")
+    summary["lipschitz_upper"], layers = json.loads(bounds.pop())
+    summary["layer_bounds"] = len(layers)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Processes sharing ``attack`` and ``certify`` (gloo on the CPU, started with
+``torch.multiprocessing.spawn`` and torchrun's environment variables) write what one
+process writes; a killed rank resumes from its part file."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lipcert.checkpoint import save_run
+from lipcert.cli import main as lipcert
+from lipcert.distributed import World, balance, block, resolve_device, world
+from lipcert.errors import LipcertError
+from lipcert.presets import preset
+from lipcert.train import train
+
+ATTACK = ["--data", "mnist", "--n", "25", "--batch-size", "10", "--attacks", "fgsm,pgdl2",
+          "--eps-linf", "0.1", "--eps-l2", "0.5,1", "--attack-params",
+          '{"pgdl2": {"steps": 5}}', "--quiet"]
+CERTIFY = ["--data", "mnist", "--n", "600", "--no-lower"]  # 3 chunks of at most 256
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, size: int, port: int, job: Callable[..., None], args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        job(rank, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(size: int, job: Callable[..., None], *args: Any) -> None:
+    """Run ``job(rank, *args)`` in ``size`` processes, as torchrun would start them."""
+    mp.spawn(_worker, args=(size, _free_port(), job, args), nprocs=size, join=True)
+
+
+def _commands(rank: int, commands: list[list[str]]) -> None:
+    for command in commands:
+        assert lipcert(command) == 0, command
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("distributed")
+    return save_run(train(preset("vit-mnist-standard-tiny", steps=8), progress=False),
+                    root / "vit")
+
+
+def _certificate_numbers(path: Path) -> dict[str, Any]:
+    doc = json.loads(path.read_text())
+    for volatile in ("timing_s", "model"):  # seconds, and the source path
+        doc.pop(volatile)
+    return doc
+
+
+def test_ranks_take_contiguous_uneven_blocks_and_balanced_shares() -> None:
+    blocks = [block(10, World(r, 3)) for r in range(3)]
+    assert [list(b) for b in blocks] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [len(block(2, World(r, 3))) for r in range(3)] == [1, 1, 0]
+    costs = [5.0, 1.0, 4.0, 2.0, 3.0]
+    shares = [balance(costs, World(r, 2)) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(5))
+    assert shares == [[0, 1, 3], [2, 4]]  # largest first to the lighter: 5+2+1 against 4+3
+    assert world() == World()  # no torchrun variables: one process
+
+
+def test_devices(run, tmp_path, capsys) -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(LipcertError, match="unknown device"):
+        resolve_device("gpu")
+    with pytest.raises(SystemExit):
+        lipcert(["certify", str(run), "--device"])
+    out = tmp_path / "cert.json"
+    assert lipcert(["certify", str(run), *CERTIFY, "--n", "5", "--device", "auto", "-o",
+                    str(out)]) == 0
+    if torch.cuda.is_available():
+        return
+    assert resolve_device("auto") == torch.device("cpu")
+    for command in (["certify", str(run), *CERTIFY, "-o", str(tmp_path / "c.json")],
+                    ["attack", str(run), *ATTACK, "-o", str(tmp_path / "a.csv")]):
+        capsys.readouterr()
+        assert lipcert([*command, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "no CUDA device" in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.json"]
+
+
+PRESETS = ["vit-mnist-lipschitz-tiny", "vit-mnist-certified-tiny",
+           "gpt-shakespeare-lipschitz-tiny", "gpt-shakespeare-standard-tiny"]
+
+
+def _train(rank: int, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    for name in PRESETS:
+        model = train(preset(name, steps=3), progress=False).model
+        save_file(model.state_dict(), out / f"{name}.{rank}.safetensors")
+
+
+def _job(rank: int, commands: list[list[str]], out: Path) -> None:
+    _commands(rank, commands)
+    _train(rank, out)
+
+
+def _same_outputs(out: Path, one: Path) -> None:
+    assert (out / "attacks.csv").read_bytes() == (one / "attacks.csv").read_bytes()
+    assert (json.loads((out / "attacks.csv.meta.json").read_text())
+            == json.loads((one / "attacks.csv.meta.json").read_text()))
+    assert _certificate_numbers(out / "cert.json") == _certificate_numbers(one / "cert.json")
+
+
+def test_three_processes_attack_certify_and_train_as_one(run, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    one, three = tmp_path / "one", tmp_path / "three"
+    one.mkdir()
+    three.mkdir()
+    commands = [["attack", str(run), *ATTACK, "-o", str(three / "attacks.csv")],
+                ["certify", str(run), *CERTIFY, "-o", str(three / "cert.json")]]
+    _job(0, [[a.replace(str(three), str(one)) for a in c] for c in commands], one)
+    spawn(3, _job, commands, three)
+    _same_outputs(three, one)
+    for name in PRESETS:
+        alone = load_file(one / f"{name}.0.safetensors")
+        ranks = [load_file(three / f"{name}.{r}.safetensors") for r in range(3)]
+        for key, weight in alone.items():
+            assert torch.equal(ranks[1][key], ranks[0][key]), (name, key)
+            assert torch.equal(ranks[2][key], ranks[0][key]), (name, key)
+            if key.endswith("attn.k.bias"):
+                # Its gradient is 0 in exact arithmetic (softmax ignores a shift common to a
+                # query's scores), so AdamW's normalised step follows rounding noise alone.
+                continue
+            # one process sums the batch's gradients in another order: close, not equal
+            torch.testing.assert_close(ranks[0][key], weight, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in three.iterdir() if "safetensors" not in p.name) == [
+        "attacks.csv", "attacks.csv.meta.json", "cert.json"]  # no part left behind
+
+
+def _attack(rank: int, run: Path, out: Path, die_after: int | None, log: Path,
+            certify: Path | None = None) -> None:
+    from attacks.harness import run_attacks
+    from lipcert import load
+    from lipcert.data import load_dataset
+
+    data = load_dataset("mnist")
+    keys = []
+
+    def on_key(key: tuple) -> None:
+        keys.append(key)
+        if rank == 1 and len(keys) == die_after:
+            os._exit(1)  # killed, part file half done
+
+    run_attacks(load(run), data.x_test[:25], data.y_test[:25], ["fgsm", "pgdl2"], [0.5, 1.0],
+                [0.1], params={"pgdl2": {"steps": 5}}, batch_size=10, output=out,
+                on_key=on_key)
+    log.with_name(f"{log.name}.{rank}").write_text(json.dumps(len(keys)))
+    if certify is not None:
+        _commands(rank, [["certify", str(run), *CERTIFY, "-o", str(certify)]])
+
+
+def test_two_processes_resume_a_killed_rank_and_certify_as_one(run, tmp_path) -> None:
+    one, two, log = tmp_path / "one.csv", tmp_path / "two.csv", tmp_path / "keys"
+    _attack(0, run, one, None, tmp_path / "single", tmp_path / "one.json")
+    with pytest.raises(mp.ProcessExitedException):
+        spawn(2, _attack, run, two, 2, log)
+    part = two.with_name("two.rank1-of-2.csv").read_text().splitlines()
+    assert len(part) == 1 + 2 * 5  # the header and two keys of its batch of 5
+    spawn(2, _attack, run, two, None, log, tmp_path / "two.json")
+    assert two.read_bytes() == one.read_bytes()
+    assert (_certificate_numbers(tmp_path / "two.json")
+            == _certificate_numbers(tmp_path / "one.json"))
+    assert not list(tmp_path.glob("two.rank*"))
+    # rank 1 holds batch 2 (5 samples): fgsm at 0.1, pgdl2 at 0.5 and 1; two were done
+    assert json.loads(log.with_name("keys.1").read_text()) == 1
+
+
+def test_the_ranks_split_exactly_the_norms_a_propagation_computes(run, monkeypatch) -> None:
+    import lipcert.norm_shards as norm_shards
+    from lipcert import load
+    from lipcert.bounds import Propagator
+
+    model, x = load(run), torch.rand(2, 1, 28, 28)
+    alone = Propagator.from_model(model, x)
+    alone.run((0.0, 1.0), sample_shape=x.shape[1:])
+    norms = {k: v for k, v in alone.norm_cache.items() if k[1] == "opnorm"}
+    assert len(norms) >= 6
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(norm_shards, "world", lambda rank=rank: World(rank, 2))
+        monkeypatch.setattr(norm_shards, "all_gather", lambda found: shares.append(found) or [])
+        prop = Propagator.from_model(model, x)
+        norm_shards.share_norms(prop, (0.0, 1.0), x.shape[1:])
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    assert {**shares[0], **shares[1]} == norms
