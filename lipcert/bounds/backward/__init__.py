@@ -1,0 +1,55 @@
+"""Local certificates from interval enclosures of the margins' gradients
+(derivations: docs/local-margin.md).
+
+Layout:
+
+* ``interval.py``  centre–radius enclosures (:class:`Grad`), forward intervals (:class:`Box`)
+                   and their products with rounding slack;
+* ``registry.py``  the rule tables and the ``@backward_rule`` / ``@forward_rule`` decorators;
+* ``rules/``       per op, a forward-interval rule and a backward rule, grouped like the
+                   engine's rules (linear, pointwise, arithmetic, norm, attention, shape,
+                   custom);
+* ``jacobian.py``  row norms of the exact Jacobian at the centre (forward-mode AD);
+* ``forward.py``   forward intervals (Taylor models) of every node over the ball ∩ domain;
+* ``walk.py``      the reverse walk over the exported graph;
+* ``margins.py``   margin bounds and certified radii (:func:`margin_radii`).
+
+Adding an op: one ``@forward_rule`` (the op's interval and Taylor remainder given its
+inputs' :class:`Box`) and one ``@backward_rule`` (the gradient enclosures of its inputs
+given its output's), each with its derivation, and a case in
+``tests/test_backward_rules.py``.
+"""
+
+from lipcert.bounds.backward.forward import Intervals, check_rules
+from lipcert.bounds.backward.interval import Box, Grad
+from lipcert.bounds.backward.margins import (
+    MarginBounds,
+    MarginCertifier,
+    MarginRadii,
+    margin_radii,
+)
+from lipcert.bounds.backward.registry import (
+    BACKWARD_RULES,
+    FORWARD_RULES,
+    backward_rule,
+    forward_rule,
+    lookup_backward,
+    lookup_forward,
+)
+
+__all__ = [
+    "BACKWARD_RULES",
+    "FORWARD_RULES",
+    "Box",
+    "Grad",
+    "Intervals",
+    "MarginBounds",
+    "MarginCertifier",
+    "MarginRadii",
+    "backward_rule",
+    "check_rules",
+    "forward_rule",
+    "lookup_backward",
+    "lookup_forward",
+    "margin_radii",
+]

@@ -1,0 +1,236 @@
+"""Forward intervals of every node over the input set B₂(x, r) ∩ D, for the backward rules.
+
+:class:`Intervals` walks the exported graph with the forward rules of
+``lipcert.bounds.backward.rules``: each input-dependent node gets a
+:class:`~lipcert.bounds.backward.interval.Box`, its value at the centre input (float64) and
+an elementwise enclosure over the input set, mostly in centre (mean-value) form, which is
+tight for small radii; nodes that do not depend on the input are evaluated exactly in float64.
+The input's Box is [x − r, x + r] ∩ D with the per-sample ℓ2 deviation r, which the first
+linear layers turn into exact per-output bounds ‖W_e‖·r. With ``engine=True`` the enclosures
+are also intersected with those of lipcert's bound engine in local mode (two sound
+enclosures intersect to a sound one).
+
+After each rule the walk makes sure the enclosure holds the centre value (it is a point of
+the set) and widens it by 1e-13 of its magnitude for the rounding of elementwise formulas;
+rules add the slack of their sums themselves.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx.node import map_arg
+from torch.utils._pytree import tree_flatten, tree_map
+
+import lipcert.bounds.backward.rules  # noqa: F401  (registers the rules)
+from lipcert.bounds import Bound, BoxDomain, EmbeddingDomain, Propagator
+from lipcert.bounds.backward.interval import TINY, Box, row_norm
+from lipcert.bounds.backward.jacobian import SDPA, centre_jacobian_norms
+from lipcert.bounds.backward.registry import FwdCtx, lookup_backward, lookup_forward
+from lipcert.bounds.backward.rules.shape import CONSTANT_OPS
+from lipcert.bounds.state import F64, Domain
+from lipcert.errors import LipcertError
+
+REL = 1e-13
+
+
+def _active(x: Any) -> bool:
+    return any(isinstance(leaf, Box) for leaf in tree_flatten(x)[0])
+
+
+def _constant(t: Tensor) -> Tensor:
+    t = t.detach()
+    return t.to(F64) if t.is_floating_point() else t
+
+
+def _finish(out: Any, lin: Tensor | None) -> Any:
+    """Pad, combine the enclosures and hold the centre. With the first-order part
+    ``lin`` = r·‖A_row‖ of the Taylor model x = x₀ + Aδ + e, x ∈ x₀ ± lin + [e_lo, e_hi],
+    and conversely e ∈ [lo − x₀ − lin, hi − x₀ + lin]. The row deviation is at most the box's
+    row norm and the sample's l2; every element moves at most its row's deviation."""
+    if isinstance(out, list | tuple):
+        return type(out)(_finish(o, None) for o in out)
+    if not isinstance(out, Box):
+        return out
+    v = out.value
+    mag = torch.nan_to_num(torch.maximum(out.lo.abs(), out.hi.abs()), posinf=0.0)
+    pad = REL * (mag + v.abs()) + TINY
+    lo, hi = out.lo - pad, out.hi + pad
+    e_lo, e_hi = out.e_lo, out.e_hi
+    if lin is not None and e_lo is not None and e_hi is not None:
+        lo = torch.maximum(lo, v - lin + e_lo - pad)
+        hi = torch.minimum(hi, v + lin + e_hi + pad)
+        e_lo = torch.maximum(e_lo, lo - v - lin - pad)
+        e_hi = torch.minimum(e_hi, hi - v + lin + pad)
+    lo, hi = torch.minimum(lo, v), torch.maximum(hi, v)
+    if v.dim() == 0:
+        return Box(v, lo, hi, out.l2, None, e_lo, e_hi, out.aux)
+    rdev = row_norm(torch.maximum(hi - v, v - lo))
+    if out.rdev is not None:
+        rdev = torch.minimum(rdev, out.rdev.expand(rdev.shape))
+    if out.l2 is not None and v.dim() >= 2:
+        rdev = torch.minimum(rdev, out.l2.reshape(-1, *([1] * (v.dim() - 2))))
+    move = rdev.unsqueeze(-1) + pad
+    lo = torch.maximum(lo, v - move)
+    hi = torch.minimum(hi, v + move)
+    return Box(v, lo, hi, out.l2, rdev, e_lo, e_hi, out.aux)
+
+
+def input_box(domain: Domain, center: Tensor, radius: Tensor) -> Box:
+    """The model input: [x − r, x + r] ∩ D elementwise, per-sample ℓ2 deviation r, and the
+    Taylor model x = x₀ + δ (A = I, remainder 0)."""
+    c = center.detach().to(F64)
+    r = radius.to(F64).reshape(-1, *([1] * (c.dim() - 1)))
+    if isinstance(domain, BoxDomain):
+        d_lo, d_hi = domain.lo, domain.hi
+    elif isinstance(domain, EmbeddingDomain):
+        d_lo, d_hi = -domain.max_norm, domain.max_norm
+    else:
+        raise LipcertError(f"unknown input domain {domain!r}")
+    if bool(((c < d_lo) | (c > d_hi)).any()):
+        raise LipcertError("an input lies outside the input domain")
+    lo = torch.clamp(c - r, min=d_lo)
+    hi = torch.clamp(c + r, max=d_hi)
+    zero = torch.zeros_like(c)
+    return Box(c, lo, hi, radius.to(F64).clone(), None, zero, zero)
+
+
+class Intervals:
+    """Forward intervals for one exported program (module docstring). ``taylor``: use the
+    first-order Taylor models (exact centre Jacobians, computed once per batch of centres)."""
+
+    def __init__(self, prop: Propagator, domain: Domain, taylor: bool = True) -> None:
+        self.prop, self.domain = prop, domain
+        self.taylor = taylor
+        self.graph = prop.graph
+        self.consts = {name: _constant(c.t) for name, c in prop.consts.items()}
+        self.cache: dict[Any, Any] = {}
+        self._centre: Tensor | None = None
+        self._norms: dict[str, Tensor] = {}
+        self._sids: dict[str, Tensor | None] = {}
+
+    def prepare(self, center: Tensor) -> None:
+        """Centre Jacobian row norms and the sample of every element, for this batch."""
+        if self._centre is not None and self._centre is center:
+            return
+        self._norms = centre_jacobian_norms(self.graph, self.consts, self.prop.input_name,
+                                            center)
+        zero = torch.zeros(center.shape[0], dtype=F64)
+        res = self.prop.run(self.domain, center=center, radius=zero, ibp=False)
+        sids: dict[str, Tensor | None] = {}
+        for node in self.graph.nodes:
+            b = res.env.get(node.name)
+            if isinstance(b, Bound):
+                sids[node.name] = b.sid
+                if node.target is SDPA:
+                    inner = None if b.sid is None else b.sid[..., :1]
+                    sids[f"{node.name}.scores"] = sids[f"{node.name}.probs"] = inner
+        self._sids = sids
+        self._centre = center
+
+    def first_order(self, name: str, radius: Tensor, shape: torch.Size) -> Tensor | None:
+        """r·‖A_row‖ of a node (or of an attention's scores or probabilities) per element."""
+        norms = self._norms.get(name)
+        if norms is None or norms.shape != shape:
+            return None
+        sid = self._sids.get(name, "missing")
+        if isinstance(sid, str):
+            return None
+        if sid is None:
+            return norms * radius.max()
+        s = sid.expand(shape)
+        r = torch.where(s >= 0, radius[s.clamp(min=0)], radius.max())
+        return norms * r * (1 + 4 * 2.0**-53)
+
+    def __call__(self, center: Tensor, radius: Tensor) -> dict[str, Any]:
+        if self.taylor:
+            self.prepare(center)
+        radius = radius.to(F64)
+        env: dict[str, Any] = {}
+        ctx = FwdCtx(n=center.shape[0], cache=self.cache)
+        for node in self.graph.nodes:
+            if node.op == "placeholder":
+                env[node.name] = (input_box(self.domain, center, radius)
+                                  if node.name == self.prop.input_name
+                                  else self.consts[node.name])
+            elif node.op == "call_function":
+                env[node.name] = self._apply(ctx, node, env, radius)
+        return env
+
+    def _apply(self, ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
+               radius: Tensor) -> Any:
+        if not self.taylor:
+            return forward_node(ctx, node, env, None)
+        return forward_node(ctx, node, env, lambda name, shape: self.first_order(
+            name, radius, shape))
+
+
+FirstOrder = Callable[[str, torch.Size], Tensor | None]
+
+
+def forward_node(ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
+                 first_order: FirstOrder | None) -> Any:
+    """The forward value of one call node from ``env``: constant folding, or its forward rule
+    and :func:`_finish`. ``first_order(name, shape)``: r·‖A_row‖ of a node (or of an
+    attention's ``<name>.scores`` / ``<name>.probs``), or None without Taylor models."""
+    args = map_arg(node.args, lambda a: env[a.name])
+    kwargs = map_arg(dict(node.kwargs), lambda a: env[a.name])
+    if node.target is operator.getitem and isinstance(args[0], list | tuple):
+        return args[0][args[1]]
+    if not _active((args, kwargs)):
+        with torch.no_grad():
+            out = node.target(*args, **kwargs)
+        return tree_map(lambda t: _constant(t) if isinstance(t, Tensor) else t, out)
+    fn = lookup_forward(node.target)
+    if fn is None:
+        raise LipcertError(f"no forward-interval rule for {node.target}")
+    ctx.node = node
+    ctx.first_order = None
+    if first_order is not None and node.target is SDPA:
+        q, k = args[0], args[1]
+        shape = torch.Size((*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]),
+                            q.shape[-2], k.shape[-2]))
+        ctx.first_order = {f"{node.name}.{part}": first_order(f"{node.name}.{part}", shape)
+                           for part in ("scores", "probs")}
+    out = fn(ctx, *args, **kwargs)
+    lin = first_order(node.name, out.shape) if first_order is not None and isinstance(
+        out, Box) else None
+    return _finish(out, lin)
+
+
+def dependent_nodes(graph: torch.fx.Graph, input_name: str) -> list[torch.fx.Node]:
+    """The call nodes that depend on the model input, in graph order."""
+    seen = {input_name}
+    out = []
+    for node in graph.nodes:
+        if node.op == "call_function" and any(a.name in seen for a in node.all_input_nodes):
+            seen.add(node.name)
+            out.append(node)
+    return out
+
+
+def check_rules(graph: torch.fx.Graph, input_name: str) -> None:
+    """Raise one error naming every operator on the input's path that lacks a forward rule,
+    or (for an op with a floating-point output that is not a constant) a backward rule."""
+    missing: dict[str, str] = {}
+    for node in dependent_nodes(graph, input_name):
+        if node.target is operator.getitem:
+            continue
+        if getattr(node.target, "overloadpacket", None) in CONSTANT_OPS:
+            continue
+        leaves = tree_flatten(node.meta.get("val"))[0]
+        if not any(isinstance(t, Tensor) for t in leaves):
+            continue  # a shape computation (symbolic sizes), evaluated as is
+        floating = any(isinstance(t, Tensor) and t.is_floating_point() for t in leaves)
+        if lookup_forward(node.target) is None or (
+                floating and lookup_backward(node.target) is None):
+            missing.setdefault(str(node.target), node.name)
+    if missing:
+        listed = ", ".join(f"{op} (node '{name}')" for op, name in missing.items())
+        raise LipcertError(
+            f"no margin-gradient rule for {len(missing)} operator(s): {listed}; add "
+            "@forward_rule and @backward_rule functions in lipcert/bounds/backward/rules/")

@@ -1,0 +1,11 @@
+"""Backward rules, grouped like the forward ones (importing this package registers them)."""
+
+from lipcert.bounds.backward.rules import (  # noqa: F401
+    arithmetic,
+    attention,
+    custom,
+    linear,
+    norm,
+    pointwise,
+    shape,
+)

@@ -1,0 +1,365 @@
+"""softmax and scaled_dot_product_attention.
+
+softmax along a dimension: ∂m/∂x = p ⊙ (G − ⟨p, G⟩) (J = diag(p) − ppᵀ). Because Σ_j p_j = 1
+for every point of the input set, G may be shifted per row by any constant κ first:
+G − ⟨p, G⟩ = H − ⟨p, H⟩ with H = G − κ. The rule takes κ = ⟨p₀, G_c⟩ (centre values), so
+the interval products see |G − κ| instead of |G| (a much smaller enclosure when G has a
+large common offset).
+
+The enclosure of p: log p_i = x_i − lse(x), and lse(x + Δ) − lse(x) ∈ [min_j Δ_j, max_j Δ_j]
+(lse is increasing and lse(x + t·1) = lse(x) + t), so with Δ_i ∈ [a_i, b_i] around the
+centre, p_i ∈ p⁰_i·[e^{a_i − max b}, e^{b_i − min a}]; intersected with the interval formula
+p_i ∈ [e^{lo_i}/(e^{lo_i} + Σ_{j≠i} e^{hi_j}), e^{hi_i}/(e^{hi_i} + Σ_{j≠i} e^{lo_j})] and
+with [0, 1]; masked entries are exactly 0.
+
+Attention Y = softmax(c·Q Kᵀ + mask) V is taken apart inside the rule: the score interval
+from the forward intervals of Q and K (around the centre, c(|ΔQ||K₀|ᵀ + |Q₀||ΔK|ᵀ + |ΔQ||ΔK|ᵀ),
+intersected with the midpoint–radius product), P's interval as above, then
+
+    G_V = Pᵀ G_Y,  G_P = G_Y (V − w)ᵀ,  G_S = P ⊙ (H − ⟨P, H⟩),  H = G_P − κ,
+    G_Q = c·G_S (K − w_k),  G_K = c·G_Sᵀ Q,
+
+where w and w_k are the mean centre value and key of each matrix: shifting V by a constant
+row changes G_P by a constant per row, which the softmax rule removes, and the rows of G_S sum
+to 0, so shifting K leaves G_Q unchanged; both shifts only shrink the enclosures.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lipcert.bounds.backward.interval import (
+    TINY,
+    Box,
+    Grad,
+    dot_last,
+    iv_matmul,
+    matmul,
+    mid_rad,
+    mul,
+    row_norm,
+    sum_to,
+)
+from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
+from lipcert.bounds.state import F64, gamma
+from lipcert.errors import LipcertError
+
+aten = torch.ops.aten
+REL = 1e-14  # relative slack of exp and of the divisions in the softmax intervals
+U = 2.0**-53
+
+
+def softmax_box(value: Tensor, lo: Tensor, hi: Tensor, keep: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """(p⁰, p_lo, p_hi): softmax over the last dimension at the centre and its enclosure over
+    scores in [lo, hi] (module docstring); ``keep`` (bool, broadcastable): entries not kept
+    are masked out (p = 0)."""
+    ninf = torch.tensor(-math.inf, dtype=F64)
+    if keep is not None:
+        value, lo, hi = (torch.where(keep, t, ninf) for t in (value, lo, hi))
+    live = torch.isfinite(value)
+    p0 = torch.softmax(value, dim=-1)
+    # centre form
+    a = torch.where(live, lo - value, torch.zeros((), dtype=F64))
+    b = torch.where(live, hi - value, torch.zeros((), dtype=F64))
+    big_a = a.amin(-1, keepdim=True)
+    big_b = b.amax(-1, keepdim=True)
+    c_lo = p0 * torch.exp(a - big_b) * (1 - REL)
+    c_hi = p0 * torch.exp(b - big_a) * (1 + REL)
+    # interval form
+    shift = torch.where(live, hi, ninf).amax(-1, keepdim=True)
+    e_hi = torch.exp(hi - shift)
+    e_lo = torch.exp(lo - shift)
+    k = value.shape[-1]
+    s_hi, s_lo = e_hi.sum(-1, keepdim=True), e_lo.sum(-1, keepdim=True)
+    others_hi = (s_hi - e_hi) + gamma(k + 2) * s_hi
+    others_lo = ((s_lo - e_lo) - gamma(k + 2) * s_lo).clamp(min=0)
+    i_lo = e_lo / (e_lo + others_hi) * (1 - REL)
+    i_hi = (e_hi / (e_hi + others_lo) * (1 + REL))
+    p_lo = torch.maximum(torch.nan_to_num(c_lo, nan=0.0), torch.nan_to_num(i_lo, nan=0.0))
+    p_hi = torch.minimum(torch.nan_to_num(c_hi, nan=1.0), torch.nan_to_num(i_hi, nan=1.0))
+    p_lo, p_hi = p_lo.clamp(0.0, 1.0), p_hi.clamp(0.0, 1.0)
+    zero = torch.zeros((), dtype=F64)
+    return (torch.where(live, p0, zero), torch.where(live, p_lo, zero),
+            torch.where(live, p_hi, zero))
+
+
+def softmax_grad(g: Grad, p0: Tensor, p_lo: Tensor, p_hi: Tensor) -> Grad:
+    """p ⊙ (H − ⟨p, H⟩), H = G − ⟨p⁰, G_c⟩, over the last dimension (module docstring)."""
+    kappa = (g.c * p0).sum(-1, keepdim=True)
+    h = Grad(g.c - kappa, g.r + gamma(p0.shape[-1] + 2) * (
+        (g.c * p0).abs().sum(-1, keepdim=True) + g.c.abs()) + TINY)
+    pc, pr = mid_rad(p_lo, p_hi)
+    t = dot_last(h, pc, pr)
+    diff_c = h.c - t.c
+    diff = Grad(diff_c, h.r + t.r + gamma(2) * (diff_c.abs() + h.r + t.r))
+    return mul(diff, pc, pr)
+
+
+@backward_rule(aten._softmax, aten.softmax)
+def softmax(ctx: BackCtx, g: Grad, x: Box, dim: int, *args: Any) -> tuple[Any, ...]:
+    """softmax along ``dim``: see the module docstring."""
+    d = dim % x.dim()
+    last = x.dim() - 1
+    p0, p_lo, p_hi = softmax_box(*(t.transpose(d, last) for t in (x.value, x.lo, x.hi)))
+    if isinstance(ctx.out, Box):
+        p_lo = torch.maximum(p_lo, ctx.out.lo.transpose(d, last))
+        p_hi = torch.minimum(p_hi, ctx.out.hi.transpose(d, last))
+    gt = g.map(lambda t: t.transpose(d + 1, last + 1))
+    res = softmax_grad(gt, p0, p_lo, p_hi)
+    return (res.map(lambda t: t.transpose(d + 1, last + 1)),)
+
+
+def _bt(t: Tensor) -> Tensor:
+    return t.transpose(-1, -2)
+
+
+def _around_centre(x: Any) -> tuple[Tensor, Tensor]:
+    """(centre value x₀, ρ) with |x − x₀| ≤ ρ over the input set (ρ = 0 for a constant)."""
+    if isinstance(x, Box):
+        return x.value, torch.maximum(x.hi - x.value, x.value - x.lo).clamp(min=0)
+    t = torch.as_tensor(x, dtype=F64)
+    return t, torch.zeros_like(t)
+
+
+def score_box(q: Any, k: Any, c: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Centre value and enclosure of c·Q Kᵀ (module docstring); the deviation is also at most
+    c(‖Δq_i‖·‖k_j‖ + ‖q⁰_i‖·‖Δk_j‖) from the rows' ℓ2 deviations."""
+    q0, dq = _around_centre(q)
+    k0, dk = _around_centre(k)
+    e = q0.shape[-1]
+    s0 = c * (q0 @ _bt(k0))
+    dev = c * (dq @ _bt(k0.abs()) + q0.abs() @ _bt(dk) + dq @ _bt(dk))
+    rq = q.row_dev() if isinstance(q, Box) else torch.zeros(q0.shape[:-1], dtype=F64)
+    rk = k.row_dev() if isinstance(k, Box) else torch.zeros(k0.shape[:-1], dtype=F64)
+    nq, nk = row_norm(q0), row_norm(k0)
+    dev = torch.minimum(dev, c * (rq.unsqueeze(-1) * (nk + rk).unsqueeze(-2)
+                                  + nq.unsqueeze(-1) * rk.unsqueeze(-2)) * (1 + 1e-15))
+    err = c * 2 * gamma(e + 4) * (q0.abs() @ _bt(k0.abs()) + dev / c)
+    lo, hi = s0 - dev - err, s0 + dev + err
+    if isinstance(q, Box) and isinstance(k, Box):
+        qc, qr = mid_rad(q.lo, q.hi)
+        kc, kr = mid_rad(k.lo, k.hi)
+        mc = c * (qc @ _bt(kc))
+        mr = c * (qc.abs() @ _bt(kr) + qr @ _bt(kc.abs() + kr))
+        merr = c * 2 * gamma(e + 4) * (qc.abs() @ _bt(kc.abs()) + mr / c)
+        lo = torch.maximum(lo, mc - mr - merr)
+        hi = torch.minimum(hi, mc + mr + merr)
+    return s0, lo, hi
+
+
+def _mid(x: Any) -> tuple[Tensor, Tensor | None]:
+    if isinstance(x, Box):
+        return mid_rad(x.lo, x.hi)
+    return torch.as_tensor(x, dtype=F64), None
+
+
+@backward_rule(aten.scaled_dot_product_attention)
+def sdpa(ctx: BackCtx, g: Grad, q: Any, k: Any, v: Any, attn_mask: Any = None,
+         dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
+         enable_gqa: bool = False) -> tuple[Any, ...]:
+    """Attention taken apart into scores, softmax and weighting (module docstring)."""
+    if dropout_p:
+        raise LipcertError("attention dropout in training mode: use model.eval()")
+    if enable_gqa and q.shape[-3] != k.shape[-3]:
+        raise LipcertError("grouped-query attention has no rule yet")
+    c, p0, p_lo, p_hi, _, _ = attention_parts(q, k, attn_mask, is_causal, scale)
+    aux = ctx.out.aux if isinstance(ctx.out, Box) else None
+    if aux is not None:
+        p_lo = torch.maximum(p_lo, aux["p_lo"])
+        p_hi = torch.minimum(p_hi, aux["p_hi"])
+    pc, pr = mid_rad(p_lo, p_hi)
+    gv = sum_to(matmul(g.t(), pc, pr).t(), v.shape) if isinstance(v, Box) else None
+    gp = matmul(g, *_shifted(v, transpose=True))
+    gs = softmax_grad(gp, p0, p_lo, p_hi)
+    gq = sum_to(matmul(gs, *_shifted(k)).scaled(c), q.shape) if isinstance(q, Box) else None
+    gk = None
+    if isinstance(k, Box):
+        qc, qr = _mid(q)
+        gk = sum_to(matmul(gs.t(), qc, qr).scaled(c), k.shape)
+    return (gq, gk, gv)
+
+
+def _shifted(x: Any, transpose: bool = False) -> tuple[Tensor, Tensor]:
+    """An operand's rows minus the mean of its centre rows (per matrix), as midpoint and
+    radius (with the rounding of the subtraction); transposed if asked."""
+    xc, xr = _mid(x)
+    w = xc.mean(-2, keepdim=True)
+    slack = 2 * gamma(2) * (xc.abs() + w.abs())
+    c, r = xc - w, slack if xr is None else xr + slack
+    return (_bt(c), _bt(r)) if transpose else (c, r)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def softmax_remainder(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi: Tensor,
+                      e_lo: Tensor, e_hi: Tensor) -> tuple[Tensor, Tensor]:
+    """The Taylor remainder of p = softmax(s) over the last dimension: e_p = J₀e_s + R with
+    J₀v = p⁰ ⊙ (v − ⟨p⁰, v⟩) (|J₀|v ≤ p⁰ ⊙ (v + ⟨p⁰, v⟩) for v ≥ 0) and, componentwise,
+    R = (J(ξ) − J₀)(Δs − κ) for any constant κ (both annihilate 1):
+    (J − J₀)w = (p − p⁰) ⊙ w − (p − p⁰)⟨p, w⟩ − p⁰⟨p − p⁰, w⟩, so with |w_j| ≤ ω_j,
+    |R_i| ≤ Δp_i·ω_i + Δp_i·⟨p_hi, ω⟩ + p⁰_i·⟨Δp, ω⟩. ``d_lo``, ``d_hi``: the enclosure of
+    Δs (masked entries, where p = 0, are ignored)."""
+    live = p_hi > 0
+    zero = torch.zeros((), dtype=F64)
+    d_lo = torch.where(live, d_lo, zero)
+    d_hi = torch.where(live, d_hi, zero)
+    kappa = (d_hi.amax(-1, keepdim=True) + d_lo.amin(-1, keepdim=True)) / 2
+    omega = torch.where(live, torch.maximum(d_hi - kappa, kappa - d_lo), zero)
+    dp = torch.maximum(p_hi - p0, p0 - p_lo).clamp(min=0)
+    k = p0.shape[-1]
+    rem = (dp * omega + dp * (p_hi * omega).sum(-1, keepdim=True)
+           + p0 * (dp * omega).sum(-1, keepdim=True)) * (1 + gamma(k + 4))
+    ec, er = mid_rad(torch.where(live, e_lo, zero), torch.where(live, e_hi, zero))
+    jc = p0 * (ec - (p0 * ec).sum(-1, keepdim=True))
+    jr = p0 * (er + (p0 * er).sum(-1, keepdim=True))
+    rad = jr + rem + gamma(k + 4) * (jc.abs() + jr + (p0 * ec.abs()).sum(-1, keepdim=True))
+    return torch.where(live, jc - rad, zero), torch.where(live, jc + rad, zero)
+
+
+def _first_order(ctx: FwdCtx, name: str) -> Tensor | None:
+    return ctx.first_order.get(name) if ctx.first_order is not None else None
+
+
+def _tighten(value: Tensor, lo: Tensor, hi: Tensor, lin: Tensor | None, e_lo: Tensor,
+             e_hi: Tensor) -> tuple[Tensor, Tensor]:
+    """[lo, hi] ∩ (value ± lin + [e_lo, e_hi]) (lin: the first-order part r·‖A_row‖)."""
+    if lin is None:
+        return lo, hi
+    return torch.maximum(lo, value - lin + e_lo), torch.minimum(hi, value + lin + e_hi)
+
+
+@forward_rule(aten._softmax, aten.softmax)
+def softmax_forward(ctx: FwdCtx, x: Box, dim: int, *args: Any) -> Box:
+    """softmax's enclosure and Taylor remainder (module docstring, :func:`softmax_remainder`)."""
+    d = dim % x.dim()
+    last = x.dim() - 1
+
+    def mv(t: Tensor) -> Tensor:
+        return t.transpose(d, last)
+
+    p0, p_lo, p_hi = softmax_box(mv(x.value), mv(x.lo), mv(x.hi))
+    e_lo = e_hi = None
+    if x.has_e:
+        e_lo, e_hi = softmax_remainder(p0, p_lo, p_hi, mv(x.lo - x.value), mv(x.hi - x.value),
+                                       mv(x.e_lo), mv(x.e_hi))
+        e_lo, e_hi = mv(e_lo), mv(e_hi)
+    return Box(mv(p0), mv(p_lo), mv(p_hi), None, None, e_lo, e_hi)
+
+
+def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: float | None,
+                    ctx: FwdCtx | None = None, name: str | None = None
+                    ) -> tuple[float, Tensor, Tensor, Tensor, Tensor | None, Any]:
+    """(c, p⁰, p_lo, p_hi, keep, e_P) of an attention call: the score enclosure, masked,
+    through :func:`softmax_box`. With a forward context and Taylor remainders of Q and K,
+    the scores' remainder e_S = c(e_Q K₀ᵀ + Q₀e_Kᵀ + ΔQΔKᵀ) and the first-order parts of
+    the scores and probabilities (``<name>.scores``, ``<name>.probs``) tighten both
+    enclosures, and e_P (else None) is :func:`softmax_remainder`."""
+    L, E = q.shape[-2], q.shape[-1]
+    S = k.shape[-2]
+    c = float(scale) if scale is not None else 1.0 / math.sqrt(E)
+    s0, s_lo, s_hi = score_box(q, k, c)
+    es = _score_remainder(q, k, c, s0) if ctx is not None else None
+    keep = None
+    if attn_mask is not None:
+        if isinstance(attn_mask, Box):
+            raise LipcertError("an attention mask that depends on the model input")
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask
+        else:
+            add = attn_mask.to(F64)
+            slack = gamma(2) * (s0.abs() + add.abs())
+            s0, s_lo, s_hi = s0 + add, s_lo + add - slack, s_hi + add + slack
+            if es is not None:
+                es = (es[0] - slack, es[1] + slack)
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool).tril()
+    e_p = None
+    if es is not None and ctx is not None and name is not None:
+        s_lo, s_hi = _tighten(s0, s_lo, s_hi, _first_order(ctx, f"{name}.scores"), *es)
+    p0, p_lo, p_hi = softmax_box(s0, s_lo, s_hi, keep)
+    if es is not None and ctx is not None and name is not None:
+        e_p = softmax_remainder(p0, p_lo, p_hi, s_lo - s0, s_hi - s0, *es)
+        p_lo, p_hi = _tighten(p0, p_lo, p_hi, _first_order(ctx, f"{name}.probs"), *e_p)
+        p_lo, p_hi = p_lo.clamp(min=0), torch.minimum(p_hi, torch.ones((), dtype=F64))
+    return c, p0, p_lo, p_hi, keep, e_p
+
+
+def _score_remainder(q: Any, k: Any, c: float, s0: Tensor) -> tuple[Tensor, Tensor] | None:
+    """e_S = c(e_Q K₀ᵀ + Q₀e_Kᵀ + ΔQΔKᵀ) (a constant operand has no remainder)."""
+    if (isinstance(q, Box) and not q.has_e) or (isinstance(k, Box) and not k.has_e):
+        return None
+    q0, k0 = _around_centre(q)[0], _around_centre(k)[0]
+    e = q0.shape[-1]
+    terms = []
+    if isinstance(k, Box):
+        terms.append(iv_matmul((q0, None), _bt_pair(k.e_mid_rad())))
+    if isinstance(q, Box):
+        terms.append(iv_matmul(q.e_mid_rad(), (_bt(k0), None)))
+    if isinstance(q, Box) and isinstance(k, Box):
+        terms.append(iv_matmul(mid_rad(*q.delta()), _bt_pair(mid_rad(*k.delta()))))
+    ctr = c * sum(t[0] for t in terms)
+    rad = c * sum(t[1] for t in terms) + 2 * gamma(e + 4) * s0.abs() + TINY
+    return ctr - rad, ctr + rad
+
+
+def _bt_pair(p: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return _bt(p[0]), _bt(p[1])
+
+
+@forward_rule(aten.scaled_dot_product_attention)
+def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
+                 dropout_p: float = 0.0, is_causal: bool = False, *,
+                 scale: float | None = None, enable_gqa: bool = False) -> Box:
+    """Y = P V: the centre value P⁰V⁰ and, since the rows of P − P⁰ sum to 0,
+    |Y − Y⁰| ≤ |P − P⁰|·|V − w| + P⁰·|V − V⁰| (w the mean centre row of V, |V − w| from
+    V's interval), intersected with the hull of the (kept) value rows. The same split gives
+    ‖ΔY_i‖ ≤ Σ_j |ΔP_ij|·‖v_j − w‖ + Σ_j P⁰_ij·‖Δv_j‖ per row. Remainder:
+    e_Y = P⁰e_V + e_P(V₀ − w) + ΔP(ΔV − c), since the rows of e_P and of ΔP sum to 0 (so any
+    constant rows w, c may be subtracted)."""
+    if dropout_p:
+        raise LipcertError("attention dropout in training mode: use model.eval()")
+    if enable_gqa and q.shape[-3] != k.shape[-3]:
+        raise LipcertError("grouped-query attention has no rule yet")
+    name = getattr(ctx.node, "name", None)
+    _, p0, p_lo, p_hi, keep, e_p = attention_parts(q, k, attn_mask, is_causal, scale, ctx, name)
+    v0, dv = _around_centre(v)
+    v_lo, v_hi = (v.lo, v.hi) if isinstance(v, Box) else (v0, v0)
+    w = v0.mean(-2, keepdim=True)
+    spread = torch.maximum((v_lo - w).abs(), (v_hi - w).abs())
+    dp = torch.maximum(p_hi - p0, p0 - p_lo)
+    value = p0 @ v0
+    dev = dp @ spread + p0 @ dv
+    S = v0.shape[-2]
+    err = 2 * gamma(S + 4) * (p0 @ v0.abs() + dev) + TINY
+    lo, hi = value - dev - err, value + dev + err
+    if keep is None:
+        lo = torch.maximum(lo, v_lo.amin(-2, keepdim=True))
+        hi = torch.minimum(hi, v_hi.amax(-2, keepdim=True))
+    else:
+        inf = torch.tensor(math.inf, dtype=F64)
+        k3 = keep.unsqueeze(-1)
+        lo = torch.maximum(lo, torch.where(k3, v_lo.unsqueeze(-3), inf).amin(-2))
+        hi = torch.minimum(hi, torch.where(k3, v_hi.unsqueeze(-3), -inf).amax(-2))
+    pad = 2 * gamma(S + 4) * torch.maximum(lo.abs(), hi.abs())
+    rv = v.row_dev() if isinstance(v, Box) else torch.zeros(v0.shape[:-1], dtype=F64)
+    rdev = (dp @ row_norm(spread).unsqueeze(-1) + p0 @ rv.unsqueeze(-1)).squeeze(-1)
+    e_lo = e_hi = None
+    if e_p is not None and (not isinstance(v, Box) or v.has_e):
+        terms = [iv_matmul(mid_rad(*e_p), (v0 - w, None))]
+        if isinstance(v, Box):
+            terms.append(iv_matmul((p0, None), v.e_mid_rad()))
+            dv_c, dv_r = mid_rad(*v.delta())
+            shift = dv_c.mean(-2, keepdim=True)
+            terms.append(iv_matmul(mid_rad(p_lo - p0, p_hi - p0),
+                                (dv_c - shift, dv_r + 2 * U * (dv_c.abs() + shift.abs()))))
+        ctr = sum(t[0] for t in terms)
+        rad = sum(t[1] for t in terms) + err + 2 * U * (v0.abs() + w.abs()).amax(-2, keepdim=True)
+        e_lo, e_hi = ctr - rad, ctr + rad
+    return Box(value, lo - pad, hi + pad, None, rdev * (1 + 2 * gamma(S + 4)), e_lo, e_hi,
+               {"p0": p0, "p_lo": p_lo, "p_hi": p_hi})

@@ -1,0 +1,259 @@
+"""LayerNorm and RMSNorm over the last k dimensions (d elements per group).
+
+LayerNorm: u = P x (P = I − 11ᵀ/d), s = √(‖u‖²/d + ε), ẑ = u/s, y = γ ⊙ ẑ + β. Since
+ds = uᵀdu/(d·s), dẑ = (du − ẑ·ẑᵀdu/d)/s, so ∂ẑ/∂x = (I − ẑẑᵀ/d)P/s and, with g = γ ⊙ G_y,
+
+    G_x = Pᵀ(g − ẑ·⟨g, ẑ⟩/d)/s = (g − mean(g) − t·ẑ)/s,   t = ⟨g, ẑ⟩/d,
+
+using mean(ẑ) = 0. RMSNorm is the same without P (ẑ = x/s). The rule encloses s and ẑ over
+the input set from the input's forward interval and its centre value x₀ (Δx = x − x₀,
+|Δx_i| ≤ ρ_i):
+
+* |Δu_i| ≤ ρ_i(1 − 2/d) + Σρ/d (the exact radius of (PΔx)_i over the box), and
+  ‖Δu‖ ≤ ‖Δx‖ ≤ ‖ρ‖ =: D;
+* ‖u‖ ∈ [max(‖u₀‖ − D, √Σ dist(0, [u_i])²), min(‖u₀‖ + D, √Σ max(u_lo², u_hi²))], hence
+  s ∈ [s_lo, s_hi] with s_lo ≥ √ε > 0 always (a careful lower bound: it never uses the
+  centre's variance without subtracting the largest possible change);
+* ẑ − ẑ₀ = Δu/s + ẑ₀(s₀ − s)/s and |s − s₀| ≤ ‖Δu‖/√d (s is (1/√d)-Lipschitz in u), so
+  |ẑ_i − ẑ₀_i| ≤ (|Δu_i| + |ẑ₀_i|·D/√d)/s_lo; intersected with [u_i]/[s], with
+  |ẑ_i| ≤ √d and with (y − β)/γ from the output's forward interval.
+
+Centre values carry float64 rounding slack γ_{d+4} relative to the magnitudes involved.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lipcert.bounds.backward.interval import TINY, Box, Grad, dot_last, mid_rad, mul, widen
+from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
+from lipcert.bounds.state import F64, gamma
+from lipcert.errors import LipcertError
+
+aten = torch.ops.aten
+
+
+def _const(x: Any, what: str) -> Tensor | None:
+    if x is None:
+        return None
+    if isinstance(x, Box):
+        raise LipcertError(f"{what} that depends on the model input has no backward rule")
+    return torch.as_tensor(x, dtype=F64)
+
+
+def _dist0(lo: Tensor, hi: Tensor) -> Tensor:
+    return torch.where(lo > 0, lo, torch.where(hi < 0, -hi, torch.zeros_like(lo)))
+
+
+def centre_radius_p(r: Tensor, d: int) -> Tensor:
+    """Radius of (P·v)_i for v ∈ c ± r over the last dimension (P = I − 11ᵀ/d)."""
+    return r * (1 - 2 / d) + r.sum(-1, keepdim=True) / d if d > 1 else torch.zeros_like(r)
+
+
+def normalised(x: Box, k: int, eps: float, centred: bool, out: Box | None,
+               scale: Tensor | None, shift: Tensor | None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Enclosures over the input set of s (``s_lo``, ``s_hi``, shape (..., 1)) and of ẑ
+    (centre, radius, shape (..., d)) for x grouped as (..., d), d the size of its last k
+    dimensions (module docstring). D is also capped by the row's (k = 1) or the sample's
+    deviation bound.
+    ``out``: the output's forward interval (same grouping), ``scale``/``shift``: γ and β
+    flattened to (d,) or None."""
+    d = math.prod(x.shape[x.dim() - k:])
+    v = x.value.reshape(-1, d)
+    lo, hi = x.lo.reshape(-1, d), x.hi.reshape(-1, d)
+    rho = torch.maximum(hi - v, v - lo).clamp(min=0)
+    mc, mr = mid_rad(lo, hi)
+    slack = gamma(d + 4) * (v.abs() + v.abs().mean(-1, keepdim=True))
+    if centred:
+        u0 = v - v.mean(-1, keepdim=True)
+        du = centre_radius_p(rho, d)
+        ub_c, ub_r = mc - mc.mean(-1, keepdim=True), centre_radius_p(mr, d)
+        u_lo = torch.maximum(u0 - du, ub_c - ub_r) - slack
+        u_hi = torch.minimum(u0 + du, ub_c + ub_r) + slack
+    else:
+        u0, du = v, rho
+        u_lo, u_hi = torch.maximum(lo, v - rho), torch.minimum(hi, v + rho)
+    big_d = torch.linalg.vector_norm(rho, dim=-1, keepdim=True) * (1 + gamma(d + 2))
+    lead = x.dim() - k
+    if k == 1 and lead >= 1:
+        big_d = torch.minimum(big_d, x.row_dev().reshape(-1, 1))
+    elif x.l2 is not None and lead >= 1:
+        per_row = x.l2.reshape(-1, *([1] * (lead - 1))).expand(x.shape[:lead]).reshape(-1, 1)
+        big_d = torch.minimum(big_d, per_row)
+    n0 = torch.linalg.vector_norm(u0, dim=-1, keepdim=True)
+    n0_lo = n0 * (1 - gamma(d + 4)) - slack.amax(-1, keepdim=True) * math.sqrt(d)
+    n0_hi = n0 * (1 + gamma(d + 4)) + slack.amax(-1, keepdim=True) * math.sqrt(d)
+    box_lo = (_dist0(u_lo, u_hi).square().sum(-1, keepdim=True) * (1 - gamma(d + 2))).sqrt()
+    box_hi = (torch.maximum(u_lo.square(), u_hi.square()).sum(-1, keepdim=True)
+              * (1 + gamma(d + 2))).sqrt()
+    n_lo = torch.maximum((n0_lo - big_d).clamp(min=0), box_lo)
+    n_hi = torch.minimum(n0_hi + big_d, box_hi)
+    s_lo = torch.sqrt(n_lo.square() / d + eps) * (1 - 1e-15)
+    s_hi = torch.sqrt(n_hi.square() / d + eps) * (1 + 1e-15)
+    s0 = torch.sqrt(n0.square() / d + eps)
+    z0 = u0 / s0
+    z_rad = (du + slack + z0.abs() * big_d / math.sqrt(d)) / s_lo
+    z_rad = z_rad + 1e-15 * (z0.abs() + z_rad) + TINY
+    z_lo, z_hi = z0 - z_rad, z0 + z_rad
+    q = torch.stack([u_lo / s_lo, u_lo / s_hi, u_hi / s_lo, u_hi / s_hi])
+    z_lo = torch.maximum(z_lo, q.amin(0) * (1 + 1e-15) - TINY)
+    z_hi = torch.minimum(z_hi, q.amax(0) * (1 + 1e-15) + TINY)
+    cap = math.sqrt(d) * (1 + 1e-15)
+    z_lo, z_hi = z_lo.clamp(min=-cap), z_hi.clamp(max=cap)
+    if out is not None:
+        y_lo, y_hi = out.lo.reshape(-1, d), out.hi.reshape(-1, d)
+        g = torch.ones(d, dtype=F64) if scale is None else scale.expand(d)
+        b = torch.zeros(d, dtype=F64) if shift is None else shift.expand(d)
+        ok = g != 0
+        safe = torch.where(ok, g, torch.ones_like(g))
+        a1, a2 = (y_lo - b) / safe, (y_hi - b) / safe
+        pad = 1e-15 * (a1.abs() + a2.abs()) + TINY
+        z_lo = torch.where(ok, torch.maximum(z_lo, torch.minimum(a1, a2) - pad), z_lo)
+        z_hi = torch.where(ok, torch.minimum(z_hi, torch.maximum(a1, a2) + pad), z_hi)
+    zc, zr = mid_rad(z_lo, torch.maximum(z_hi, z_lo))
+    return s_lo, s_hi, zc, zr
+
+
+def norm_backward(g: Grad, x: Box, k: int, weight: Any, bias: Any, eps: float,
+                  centred: bool, out: Box | None) -> Grad:
+    """G_x = (g − [mean(g)] − t·ẑ)/s with g = γ ⊙ G_y, t = ⟨g, ẑ⟩/d (module docstring)."""
+    norm_shape = x.shape[x.dim() - k:]
+    d = math.prod(norm_shape)
+    scale = _const(weight, "a normalisation weight")
+    shift = _const(bias, "a normalisation bias")
+    scale = None if scale is None else scale.reshape(-1)
+    shift = None if shift is None else shift.reshape(-1)
+    s_lo, s_hi, zc, zr = normalised(x, k, eps, centred, out, scale, shift)
+    m = g.c.shape[0]
+    gc, gr = g.c.reshape(m, -1, d), g.r.reshape(m, -1, d)
+    if scale is not None:
+        gc, gr = gc * scale, widen(gc * scale, gr * scale.abs(), 2)
+    if centred:
+        mean_c = gc.mean(-1, keepdim=True)
+        hc = gc - mean_c
+        hr = centre_radius_p(gr, d) + gamma(d + 2) * (gc.abs() + gc.abs().mean(-1, keepdim=True))
+    else:
+        hc, hr = gc, gr
+    t = dot_last(Grad(gc, gr), zc, zr).scaled(1.0 / d)
+    tz = mul(t, zc, zr)
+    diff_c = hc - tz.c
+    diff = Grad(diff_c, widen(diff_c, hr + tz.r, 2))
+    ic, ir = mid_rad(1.0 / s_hi * (1 - 1e-15), 1.0 / s_lo * (1 + 1e-15))
+    res = mul(diff, ic, ir)
+    return Grad(res.c.reshape(g.c.shape), res.r.reshape(g.c.shape))
+
+
+@backward_rule(aten.layer_norm)
+def layer_norm(ctx: BackCtx, g: Grad, x: Box, normalized_shape: list[int], weight: Any = None,
+               bias: Any = None, eps: float = 1e-5, *args: Any) -> tuple[Any, ...]:
+    """LayerNorm: see the module docstring."""
+    out = ctx.out if isinstance(ctx.out, Box) else None
+    return (norm_backward(g, x, len(normalized_shape), weight, bias, float(eps), True, out),)
+
+
+@backward_rule(aten.rms_norm)
+def rms_norm(ctx: BackCtx, g: Grad, x: Box, normalized_shape: list[int], weight: Any = None,
+             eps: Any = None) -> tuple[Any, ...]:
+    """RMSNorm y = γ ⊙ x/√(‖x‖²/d + ε): see the module docstring (ε defaults to the float32
+    machine epsilon, as in the forward rule)."""
+    if eps is None:
+        val = ctx.node.meta.get("val") if ctx.node is not None else None
+        dtype = val.dtype if isinstance(val, Tensor) else torch.float32
+        eps = torch.finfo(dtype).eps
+    out = ctx.out if isinstance(ctx.out, Box) else None
+    return (norm_backward(g, x, len(normalized_shape), weight, None, float(eps), False, out),)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def norm_forward(x: Box, k: int, weight: Any, bias: Any, eps: float, centred: bool) -> Box:
+    """y = γ ⊙ ẑ + β with ẑ's enclosure from :func:`normalised` (module docstring). The
+    Jacobian (I − ẑẑᵀ/d)P/s has norm ≤ 1/s, so a row moves by at most
+    max|γ|·‖Δx_row‖/s_lo. Remainder (k = 1): e_y = γ ⊙ (J₀e_x + R) with J₀ the Jacobian at
+    the centre, J₀v = (v − [mean v] − ẑ₀⟨ẑ₀, v⟩/d)/s₀ (|J₀| bounded by the triangle
+    inequality), and R the Taylor remainder of ẑ(u) = u·g(u), g = 1/s, in u = Px:
+    R = Δu·(g − g₀) + u₀·(g − g₀ − ∇g₀·Δu). Here ∇g = −u/(d·s³), ‖∇g‖ ≤ 1/(√d·s²), and
+    ∇²g = −I/(d·s³) + 3uuᵀ/(d²·s⁵), so |ΔuᵀΔ²gΔu| ≤ 4‖Δu‖²/(d·s³) (‖u‖² ≤ d·s²). With
+    D ≥ ‖Δu‖ and s ≥ s_lo on the set:
+    |R_i| ≤ |Δu_i|·D/(√d·s_lo²) + |ẑ₀_i|·(s₀/s_lo)·2D²/(d·s_lo²) (second order)."""
+    scale = _const(weight, "a normalisation weight")
+    shift = _const(bias, "a normalisation bias")
+    norm_shape = x.shape[x.dim() - k:]
+    d = math.prod(norm_shape)
+    s_lo, s_hi, zc, zr = normalised(x, k, eps, centred, None, None, None)
+    g = torch.ones(d, dtype=F64) if scale is None else scale.reshape(-1)
+    b = torch.zeros(d, dtype=F64) if shift is None else shift.reshape(-1)
+    ends = torch.stack([(zc - zr) * g, (zc + zr) * g])
+    pad = 4 * 2.0**-53 * (ends.abs().amax(0) + b.abs()) + TINY
+    lo = (ends.amin(0) + b - pad).reshape(x.shape)
+    hi = (ends.amax(0) + b + pad).reshape(x.shape)
+    v = x.value.reshape(-1, d)
+    if centred:
+        v = v - v.mean(-1, keepdim=True)
+    s0 = torch.sqrt(v.square().mean(-1, keepdim=True) + eps)
+    z0 = v / s0
+    value = (z0 * g + b).reshape(x.shape)
+    rdev = e_lo = e_hi = None
+    if k == 1 and x.dim() >= 1:
+        gmax = float(g.abs().max()) * (1 + 1e-15)
+        rdev = x.row_dev() * gmax / s_lo.reshape(x.shape[:-1])
+    if x.has_e:
+        e_lo, e_hi = _norm_remainder(x, d, centred, s_lo, s_hi, s0, z0, zc, zr, g)
+        slack = gamma(d + 8) * (value.abs() + 1).reshape(-1, d) * (1 + g.abs())
+        e_lo = (e_lo - slack).reshape(x.shape)
+        e_hi = (e_hi + slack).reshape(x.shape)
+    return Box(value, lo, hi, None, rdev, e_lo, e_hi)
+
+
+def _norm_remainder(x: Box, d: int, centred: bool, s_lo: Tensor, s_hi: Tensor, s0: Tensor,
+                    z0: Tensor, zc: Tensor, zr: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """γ ⊙ (J₀e_x + R) as an interval (see :func:`norm_forward`), shape (rows, d)."""
+    ec, er = x.e_mid_rad()
+    ec, er = ec.reshape(-1, d), er.reshape(-1, d)
+    inv0 = 1.0 / s0
+    if centred:
+        pc = ec - ec.mean(-1, keepdim=True)
+        pr = centre_radius_p(er, d)
+    else:
+        pc, pr = ec, er
+    j_c = inv0 * (pc - z0 * (z0 * ec).sum(-1, keepdim=True) / d)
+    j_r = inv0 * (pr + z0.abs() * (z0.abs() * er).sum(-1, keepdim=True) / d)
+    rho = x.deviation().reshape(-1, d)
+    p_rho = centre_radius_p(rho, d) if centred else rho
+    big_d = torch.linalg.vector_norm(rho, dim=-1, keepdim=True)
+    if x.rdev is not None and x.dim() >= 2 and x.shape[-1] == d:
+        big_d = torch.minimum(big_d, x.rdev.reshape(-1, 1))
+    big_d = big_d * (1 + gamma(d + 2))
+    p_rho = torch.minimum(p_rho, big_d)
+    s_min2 = s_lo.square()
+    r = (p_rho * big_d / (math.sqrt(d) * s_min2)
+         + z0.abs() * (s0 / s_lo) * 2 * big_d.square() / (d * s_min2))
+    r = r * (1 + gamma(d + 8))
+    c = j_c * g
+    rad = (j_r + r) * g.abs()
+    rad = rad + gamma(d + 8) * (c.abs() + rad)
+    return c - rad, c + rad
+
+
+@forward_rule(aten.layer_norm)
+def layer_norm_forward(ctx: FwdCtx, x: Box, normalized_shape: list[int], weight: Any = None,
+                       bias: Any = None, eps: float = 1e-5, *args: Any) -> Box:
+    """LayerNorm: see :func:`norm_forward`."""
+    return norm_forward(x, len(normalized_shape), weight, bias, float(eps), True)
+
+
+@forward_rule(aten.rms_norm)
+def rms_norm_forward(ctx: FwdCtx, x: Box, normalized_shape: list[int], weight: Any = None,
+                     eps: Any = None) -> Box:
+    """RMSNorm: see :func:`norm_forward` (ε as in the backward rule)."""
+    if eps is None:
+        val = ctx.node.meta.get("val") if ctx.node is not None else None
+        dtype = val.dtype if isinstance(val, Tensor) else torch.float32
+        eps = torch.finfo(dtype).eps
+    return norm_forward(x, len(normalized_shape), weight, None, float(eps), False)
