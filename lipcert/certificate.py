@@ -13,6 +13,10 @@ r_∞ = r / √n with n the number of input elements of one sample.
   with r, so the largest r with m ≥ √2·L(x, r)·r is found by bisection, vectorised over all
   samples; the reported radius is the largest iterate that satisfied the inequality (never
   one that did not), or the global radius when that is larger (both are sound).
+* ``margin``: as ``local``, plus margin-gradient certificates (``lipcert.bounds.backward``,
+  docs/local-margin.md): an enclosure of each margin's gradient over the ball gives
+  m_j(x') ≥ m_j(x) − r·L_j(x, r) with no √2. Each sample keeps the largest of the three
+  sound radii and records which one it is (``radius_method``).
 
 Every Lipschitz number is an ``upper`` bound from certified spectral norms; it is multiplied
 by (1 + 1e-9) for the float64 rounding of the propagation (a few thousand roundings of
@@ -40,7 +44,9 @@ from lipcert.bounds import (
     as_program,
     layer_table,
 )
+from lipcert.bounds.backward import margin_radii
 from lipcert.certificate_schema import (
+    MODES,
     RADIUS_CONVENTION,
     Certificate,
     LayerBound,
@@ -160,8 +166,8 @@ def certify(
     positions in their data set (default 0..B−1); ``device``: where the certified weight
     norms are computed (float64 on a GPU; ``lipcert.norm_shards``).
     """
-    if mode not in ("global", "local"):
-        raise LipcertError(f"unknown mode {mode!r}; use 'global' or 'local'")
+    if mode not in MODES:
+        raise LipcertError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if inputs.shape[0] != labels.reshape(-1).shape[0]:
         raise LipcertError("inputs and labels have different lengths")
     if inputs.shape[0] == 0:
@@ -201,22 +207,36 @@ def certify(
     )
     radius = r_glob
     lip_used = torch.full_like(margin, L)
-    if mode == "local":
+    method_used = ["global"] * len(radius)
+
+    def keep_larger(r_new: Tensor, l_new: Tensor, name: str) -> None:
+        nonlocal radius, lip_used
+        better = r_new > radius
+        radius = torch.where(better, r_new, radius)
+        lip_used = torch.where(better, l_new, lip_used)
+        for k in torch.nonzero(better).flatten().tolist():
+            method_used[k] = name
+
+    if mode in ("local", "margin"):
         t = time.perf_counter()
-        r_loc, l_loc = _local_radii(prop, dom, inputs, margin, correct, size, bisection_steps)
-        better = r_loc > r_glob
-        radius = torch.where(better, r_loc, r_glob)
-        lip_used = torch.where(better, l_loc, lip_used)
+        keep_larger(*_local_radii(prop, dom, inputs, margin, correct, size, bisection_steps),
+                    "local")
         timing["local_bisection"] = time.perf_counter() - t
+    if mode == "margin":
+        t = time.perf_counter()
+        found = margin_radii(prop, inputs, labels, domain=dom)
+        keep_larger(found.radius.to(radius.dtype) * correct, found.lipschitz.to(radius.dtype),
+                    "margin")
+        timing["margin_bisection"] = time.perf_counter() - t
     n_el = math.prod(inputs.shape[1:])
     idx = list(range(inputs.shape[0])) if indices is None else [int(i) for i in indices]
     root_n = math.sqrt(n_el)
     samples = [
         SampleCertificate(index=i, label=y, pred=p, margin=m, radius_l2=r,
-                          radius_linf=r / root_n, lipschitz=lip)
-        for i, y, p, m, r, lip in zip(idx, labels.reshape(-1).long().tolist(), pred.tolist(),
-                                      margin.tolist(), radius.tolist(), lip_used.tolist(),
-                                      strict=True)
+                          radius_linf=r / root_n, lipschitz=lip, radius_method=how)
+        for i, y, p, m, r, lip, how in zip(idx, labels.reshape(-1).long().tolist(),
+                                           pred.tolist(), margin.tolist(), radius.tolist(),
+                                           lip_used.tolist(), method_used, strict=True)
     ]
     acc = [{"eps": float(e), "accuracy": float((radius > e).double().mean())} for e in eps]
     timing["total"] = time.perf_counter() - t_all

@@ -6,13 +6,14 @@ The document, in this key order::
 
     norm                "l2" (the only norm)
     radius_convention   RADIUS_CONVENTION
-    mode                "global" or "local"
+    mode                "global", "local" or "margin"
     method              how weight norms were certified ("exact" or "gram")
     input_elements      n, the number of input elements of one sample
     lipschitz           {upper, lower, ratio[, local_upper {min, median, max}]
                          [, lower_method][, lower_search {how the lower bound's search went}]}
     layers              [{name, kind_of_layer, upper, kind, params}]
-    samples             [{index, label, pred, margin, radius_l2, radius_linf, lipschitz}]
+    samples             [{index, label, pred, margin, radius_l2, radius_linf, lipschitz,
+                         radius_method}]
     certified_accuracy  [{eps, accuracy}]
     timing_s            {stage: seconds}
     kinds               what "upper" and "lower" mean (KINDS)
@@ -39,15 +40,18 @@ from lipcert.errors import LipcertError
 RADIUS_CONVENTION = "r = (z_y - max_{j!=y} z_j) / (sqrt(2) * L)"
 KINDS = {"upper": "certified upper bound",
          "lower": "empirical witness (a Jacobian norm measured at some input)"}
-MODES = ("global", "local")
+MODES = ("global", "local", "margin")
 
-__all__ = ["KINDS", "RADIUS_CONVENTION", "Certificate", "LayerBound", "ModelIdentity",
+__all__ = ["KINDS", "MODES", "RADIUS_CONVENTION", "Certificate", "LayerBound", "ModelIdentity",
            "SampleCertificate"]
 
 
 @dataclass
 class SampleCertificate:
-    """Per-sample result; ``lipschitz`` is the (upper) bound L that certified ``radius_l2``."""
+    """Per-sample result; ``lipschitz`` is the (upper) bound L that certified ``radius_l2``
+    and ``radius_method`` the certificate that gave the radius: "global" (r = m/(√2·L)),
+    "local" (the largest r with m ≥ √2·L(x, r)·r) or "margin" (margin-gradient bounds,
+    ``lipcert.bounds.backward``). Every method is sound; the largest radius is kept."""
 
     index: int
     label: int
@@ -56,6 +60,7 @@ class SampleCertificate:
     radius_l2: float
     radius_linf: float
     lipschitz: float
+    radius_method: str = "global"
 
 
 @dataclass
@@ -131,7 +136,7 @@ class Certificate:
             "kinds": dict(KINDS),
         }
         local = [s.lipschitz for s in self.samples]
-        if self.mode == "local" and local:
+        if self.mode != "global" and local:
             lipschitz["local_upper"] = {
                 "min": _num(min(local)),
                 "median": _num(statistics.median_low(local)),
@@ -285,7 +290,8 @@ def _sample(x: Any, k: int, source: str) -> SampleCertificate:
         s = SampleCertificate(
             index=int(x["index"]), label=int(x["label"]), pred=int(x["pred"]),
             **{c: _number(x[c], f"{source}: sample {k} {c}")
-               for c in ("margin", "radius_l2", "radius_linf", "lipschitz")})
+               for c in ("margin", "radius_l2", "radius_linf", "lipschitz")},
+            radius_method=str(x.get("radius_method", "global")))
     except (KeyError, TypeError, ValueError) as err:
         raise LipcertError(f"{source}: sample {k} is malformed (needs index, label, pred, "
                            f"margin, radius_l2, radius_linf, lipschitz): {err!r}") from err

@@ -25,7 +25,8 @@ __all__ = ["ATTACK_COLUMNS", "CertificateData", "RunData", "load_run", "load_run
 CONFIG = "config.json"
 TRAIN_LOG = "train_log.csv"
 WEIGHTS = "model.safetensors"
-CERTIFICATE_FILES = {"global": "certificate-global.json", "local": "certificate-local.json"}
+CERTIFICATE_FILES = {"global": "certificate-global.json", "local": "certificate-local.json",
+                     "margin": "certificate-margin.json"}
 GENERIC_CERTIFICATE = "certificate.json"
 ATTACKS = "attacks.csv"
 MINIMAL_FILES = ("minimal.csv", "attacks.minimal.csv")
@@ -159,14 +160,14 @@ def _load_certificates(run: RunData) -> None:
     if not run.certificates:
         run.missing.append("certificate-global.json / certificate-local.json / "
                            "certificate.json (no certified bounds or radii)")
-    elif "local" not in run.certificates:
+    elif not {"local", "margin"} & set(run.certificates):
         run.missing.append(f"{CERTIFICATE_FILES['local']} (no local certificate)")
     elif "global" not in run.certificates:
         run.missing.append(f"{CERTIFICATE_FILES['global']} (no global certificate)")
 
 
 def _mode_order(mode: str) -> tuple[int, str]:
-    return ({"global": 0, "local": 1}.get(mode, 2), mode)
+    return ({"global": 0, "local": 1, "margin": 2}.get(mode, 3), mode)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

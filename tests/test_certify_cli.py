@@ -95,3 +95,24 @@ def test_lower_budget_flag(tiny_runs, tmp_path: Path, capsys) -> None:
         assert exit_info.value.code == 2
         assert "seconds" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_margin_mode_keeps_the_largest_sound_radius(tiny_runs, tmp_path: Path) -> None:
+    """``--mode margin`` adds margin-gradient radii to the local ones: every radius is at
+    least the local mode's, each sample names the certificate that gave it, and PGD-L2 at
+    each radius (the per-sample audit) finds no adversarial example inside."""
+    run = str(tiny_runs["vit-mnist-standard-tiny"])
+    local, margin = tmp_path / "local.json", tmp_path / "margin.json"
+    common = ["--n", "12", "--eps", "1e-4,1e-3", "--no-lower"]
+    assert _certify([run, *common, "--mode", "local", "-o", str(local)]) == 0
+    assert _certify([run, *common, "--mode", "margin", "-o", str(margin)]) == 0
+    before = json.loads(local.read_text())["samples"]
+    after = json.loads(margin.read_text())["samples"]
+    assert all(b["radius_l2"] <= a["radius_l2"] for b, a in zip(before, after, strict=True))
+    methods = {s["radius_method"] for s in after}
+    assert methods <= {"global", "local", "margin"} and "margin" in methods
+    code = main(["attack", run, "--data", "mnist", "--n", "12", "--attacks", "fgsm",
+                 "--eps-linf", "0.01", "--certificate", str(margin), "--audit-radius",
+                 "--audit-steps", "50", "--audit-restarts", "3", "--quiet",
+                 "-o", str(tmp_path / "attacks.csv")])
+    assert code == 0
