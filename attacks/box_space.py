@@ -2,11 +2,12 @@
 
 torchattacks clamps to [0, 1] and reshapes per-sample norms as if inputs were 4-D images
 (``attacks.embedding`` explains why). ``BoxSpace`` maps the box onto [0, 1]^n by the affine
-map x = lo + (hi − lo)·u, so torchattacks' clamp is exactly the domain's, and gives the
-attacks a 4-D view (B, 1, …) of u. Budgets scale exactly: ‖x − x'‖ = (hi − lo)·‖u − u'‖ in
-every norm, so ε_box = ε / (hi − lo). Adversarial inputs are decoded relative to the clean
-input, x' = x + (hi − lo)·(u' − u), and ``attacks.space.project`` enforces the budget and the
-box in the model's own coordinates.
+map x = lo + (hi − lo)·u (an ``AffineBoxMap`` with c = (lo + hi)/2, s = hi − lo), so
+torchattacks' clamp is exactly the domain's, and gives the attacks a 4-D view (B, 1, …) of
+u. Budgets scale exactly: ‖x − x'‖ = (hi − lo)·‖u − u'‖ in every norm, so
+ε_box = ε / (hi − lo). Adversarial inputs are decoded relative to the clean input,
+x' = x + (hi − lo)·(u' − u), and ``attacks.space.project`` enforces the budget and the box
+in the model's own coordinates.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from attacks.embedding import BoxModel, four_d_shape
+from attacks.embedding import AffineBoxMap
 from lipcert.errors import LipcertError
 
 __all__ = ["BoxSpace"]
 
 
 @dataclass(frozen=True)
-class BoxSpace:
+class BoxSpace(AffineBoxMap):
     """Inputs with every element in [``lo``, ``hi``] (finite, lo < hi), of any shape."""
 
     lo: float
@@ -52,19 +52,6 @@ class BoxSpace:
         if x.numel() and (x.min() < self.lo or x.max() > self.hi):
             raise LipcertError(f"the inputs lie in [{x.min().item():.6g}, {x.max().item():.6g}], "
                                f"outside the domain [{self.lo:g}, {self.hi:g}]")
-
-    def wrap(self, model: nn.Module, sample_shape: tuple[int, ...]) -> nn.Module:
-        return BoxModel(model, self, sample_shape)  # type: ignore[arg-type]
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.lo) / self.scale).reshape(four_d_shape(tuple(x.shape)))
-
-    def box_eps(self, eps: float) -> float:
-        return eps / self.scale
-
-    def decode(self, x: torch.Tensor, u_clean: torch.Tensor, u_adv: torch.Tensor
-               ) -> torch.Tensor:
-        return x + self.scale * (u_adv - u_clean).reshape(x.shape)
 
     def clamp(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp(self.lo, self.hi)

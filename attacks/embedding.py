@@ -34,7 +34,7 @@ from torch import nn
 
 from lipcert.errors import LipcertError
 
-__all__ = ["BoxModel", "EmbeddingBox", "NextTokenClassifier", "four_d_shape"]
+__all__ = ["AffineBoxMap", "BoxModel", "EmbeddingBox", "NextTokenClassifier", "four_d_shape"]
 
 
 def four_d_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -47,12 +47,39 @@ def four_d_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     return (batch, 1, rest[0], math.prod(rest[1:]))
 
 
+class AffineBoxMap:
+    """The affine map x = c + s·(u − 0.5) between torchattacks' box u ∈ [0, 1]^n (viewed
+    4-D) and the model's inputs x, with c = ``center`` and s = ``scale`` given by the
+    subclass, as is ``clamp`` (its projection onto the input domain). Budgets scale exactly,
+    ‖x − x'‖ = s·‖u − u'‖ in every norm, and adversarial inputs are decoded relative to the
+    clean input, x' = x + s·(u' − u)."""
+
+    center: float
+    scale: float
+
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def wrap(self, model: nn.Module, sample_shape: tuple[int, ...]) -> nn.Module:
+        return BoxModel(model, self, sample_shape)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (0.5 + (x - self.center) / self.scale).reshape(four_d_shape(tuple(x.shape)))
+
+    def box_eps(self, eps: float) -> float:
+        return eps / self.scale
+
+    def decode(self, x: torch.Tensor, u_clean: torch.Tensor, u_adv: torch.Tensor
+               ) -> torch.Tensor:
+        return x + self.scale * (u_adv - u_clean).reshape(x.shape)
+
+
 class BoxModel(nn.Module):
     """``model`` seen from the box: u (B, 1, …) ↦ model(P(c + s·(u − 0.5))), reshaped to the
     model's per-sample input shape, where P is the box's domain projection (identity when
     the domain is unbounded), so attacks optimise exactly what is evaluated afterwards."""
 
-    def __init__(self, model: nn.Module, box: EmbeddingBox,
+    def __init__(self, model: nn.Module, box: AffineBoxMap,
                  sample_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.model, self.box = model, box
@@ -64,7 +91,7 @@ class BoxModel(nn.Module):
 
 
 @dataclass(frozen=True)
-class EmbeddingBox:
+class EmbeddingBox(AffineBoxMap):
     """The affine box map x = c + s·(u − 0.5), s = 2·``half_width``, c = ``center``.
 
     The box covers x ∈ [c − h, c + h] in every coordinate. ``validate`` checks that it
@@ -128,19 +155,6 @@ class EmbeddingBox:
             if norms.max() > self.max_token_norm:
                 raise LipcertError(f"input tokens have norms up to {norms.max():.6g}, above "
                                    f"the domain's bound {self.max_token_norm:.6g}")
-
-    def wrap(self, model: nn.Module, sample_shape: tuple[int, ...]) -> nn.Module:
-        return BoxModel(model, self, sample_shape)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return (0.5 + (x - self.center) / self.scale).reshape(four_d_shape(tuple(x.shape)))
-
-    def box_eps(self, eps: float) -> float:
-        return eps / self.scale
-
-    def decode(self, x: torch.Tensor, u_clean: torch.Tensor, u_adv: torch.Tensor
-               ) -> torch.Tensor:
-        return x + self.scale * (u_adv - u_clean).reshape(x.shape)
 
     def clamp(self, x: torch.Tensor) -> torch.Tensor:
         if self.max_token_norm is None:
