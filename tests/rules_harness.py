@@ -5,8 +5,7 @@ cases a ball around a centre inside it). The program is recorded as a torch.fx g
 rules that recognise patterns see real graph nodes), rewritten by the registered
 ``graph_rewrite`` patterns as the engine rewrites exported graphs, run through the rules
 (bounds), and run on float64 tensors (truth) at many points of the set. Checked, with
-tolerances at the level of float64
-rounding only:
+tolerances at the level of float64 rounding only:
 
 * every output lies in [lo, hi]; its norm and largest row norm are ≤ norm and tok_norm;
 * ‖f(x) − f(y)‖/‖x − y‖ ≤ lip and max_row ‖Δrow‖/‖x − y‖ ≤ lip_tok for random pairs and for
