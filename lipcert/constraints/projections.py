@@ -184,6 +184,20 @@ def _rescale_into_range(x: torch.Tensor, a_mat: torch.Tensor, level: float) -> f
     return 1.0 if sigma <= level else level / sigma
 
 
+def _tall_scaled(weight: torch.Tensor, limit: float) -> tuple[torch.Tensor, bool]:
+    """X = W / limit in the working precision (float64 for float64 weights, else float32),
+    transposed if needed so that XᵀX is the smaller Gram matrix; and whether W was tall."""
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    x = weight.detach().to(work) / limit
+    tall = x.shape[0] >= x.shape[1]
+    return (x if tall else x.mT), tall
+
+
+def _write_back(weight: torch.Tensor, x: torch.Tensor, tall: bool, limit: float) -> None:
+    """W ← limit·X, undoing :func:`_tall_scaled`'s transpose."""
+    weight.copy_(((x if tall else x.mT) * limit).to(weight.dtype))
+
+
 @torch.no_grad()
 def hard_cap(weight: torch.Tensor, limit: float, **_: Any) -> None:
     """The paper's fast polynomial hard cap: ``σ_i ← p₄∘p₃∘p₂∘p₁(σ_i) ≈ min(σ_i, 1)``.
@@ -202,23 +216,17 @@ def hard_cap(weight: torch.Tensor, limit: float, **_: Any) -> None:
     the limit by about 1.1%; ``finalize`` caps exactly.
     """
     check_weight(weight)
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    x = weight.detach().to(work) / limit
-    tall = x.shape[0] >= x.shape[1]
-    if not tall:
-        x = x.mT
+    x, tall = _tall_scaled(weight, limit)
     a_mat = x.mT @ x
     f = _rescale_into_range(x, a_mat, HARD_CAP_INPUT_RANGE)
     if f < 1.0:
         x, a_mat = x * f, a_mat * f**2
-    eye = torch.eye(x.shape[1], dtype=work, device=x.device)
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     for j, (a, b, c) in enumerate(HARD_CAP_COEFFICIENTS):
         if j:
             a_mat = x.mT @ x
         x = x @ (a * eye + b * a_mat + c * (a_mat @ a_mat))
-    if not tall:
-        x = x.mT
-    weight.copy_((x * limit).to(weight.dtype))
+    _write_back(weight, x, tall, limit)
 
 
 @torch.no_grad()
@@ -243,20 +251,14 @@ def soft_cap(weight: torch.Tensor, limit: float, *, alpha: float = 0.0, **_: Any
     check_weight(weight)
     if alpha == 0.0:
         return
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    x = weight.detach().to(work) / limit
-    tall = x.shape[0] >= x.shape[1]
-    if not tall:
-        x = x.mT
+    x, tall = _tall_scaled(weight, limit)
     a_mat = x.mT @ x
     if _rescale_into_range(x, a_mat, 1.0 / math.sqrt(alpha)) < 1.0:
         x = x / spectral.exact(x).value
         a_mat = x.mT @ x
     x = x - alpha * (x @ a_mat)
     x = x + alpha * (x @ (x.mT @ x))
-    if not tall:
-        x = x.mT
-    weight.copy_((x * limit).to(weight.dtype))
+    _write_back(weight, x, tall, limit)
 
 
 @torch.no_grad()

@@ -174,15 +174,8 @@ def product_forward(a: Box | Tensor, b: Box | Tensor) -> Box:
     dev = da @ b0.abs() + a0.abs() @ db + da @ db
     err = 2 * gamma(k + 4) * (a0.abs() @ b0.abs() + dev) + TINY
     lo, hi = value - dev - err, value + dev + err
-    ac, ar = a.mid_rad() if isinstance(a, Box) else (a, None)
-    bc, br = b.mid_rad() if isinstance(b, Box) else (b, None)
-    mc = ac @ bc
-    mr = torch.zeros_like(mc)
-    if br is not None:
-        mr = mr + ac.abs() @ br
-    if ar is not None:
-        mr = mr + ar @ (bc.abs() if br is None else bc.abs() + br)
-    merr = 2 * gamma(k + 4) * (ac.abs() @ bc.abs() + mr) + TINY
+    mc, mr = iv_matmul(a.mid_rad() if isinstance(a, Box) else (a, None),
+                       b.mid_rad() if isinstance(b, Box) else (b, None))
     e_lo = e_hi = None
     ea = a.e_mid_rad() if isinstance(a, Box) and a.has_e else None
     eb = b.e_mid_rad() if isinstance(b, Box) and b.has_e else None
@@ -197,7 +190,7 @@ def product_forward(a: Box | Tensor, b: Box | Tensor) -> Box:
         c = sum(t[0] for t in terms)
         r = sum(t[1] for t in terms) + err
         e_lo, e_hi = c - r, c + r
-    return Box(value, torch.maximum(lo, mc - mr - merr), torch.minimum(hi, mc + mr + merr),
+    return Box(value, torch.maximum(lo, mc - mr), torch.minimum(hi, mc + mr),
                None, None, e_lo, e_hi)
 
 
