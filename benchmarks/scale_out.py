@@ -8,17 +8,23 @@ on one thread (``OMP_NUM_THREADS=1``), the two-process runs started by ``torchru
   standard version) on the first N MNIST test images of a ``vit-mnist-standard-tiny`` run
   (trained here once, 100 steps). Wall time of the whole command (start-up and loading
   included). Target speed-up ≥ 1.7×. The two CSVs must be byte-identical.
-* **norms**: ``lipcert.certify`` (global mode, exact norms) of a GPT-2-medium-shaped
-  ``.pt2`` (``nn.TransformerEncoder``, 24 pre-LN blocks, d 1,024, 16 heads, MLP 4,096,
-  unembedding to 50,257, random weights, one embedded sequence of ``--context`` tokens).
-  Time of the certify call on rank 0 after every rank has loaded the program (norms, the
-  planning walk and the propagation; start-up and loading excluded, and printed apart).
+* **norms**: certification (global mode, exact norms) of a GPT-2-medium-shaped ``.pt2``
+  (``nn.TransformerEncoder``, ``--blocks`` pre-LN blocks (24), d 1,024, 16 heads, MLP
+  4,096, unembedding to 50,257, random weights, one embedded sequence of ``--context``
+  tokens), through ``certify_shared`` as ``lipcert certify`` runs it: with one sample, rank
+  0 propagates and the other rank only helps with the weight norms. Time of that call on
+  rank 0 after every rank has loaded the program (the norms, the helper's listing walk,
+  the propagation and the layer table; start-up and loading excluded, and printed apart).
   Target speed-up ≥ 1.6×. The bounds (global, inf for this pre-LN model on its box, and
-  every layer's) must be equal. Rank 0's CPU seconds are printed
-  too: on a machine whose cores other jobs share, a second process gets less than a core,
-  and the CPU time shows how much work each rank was left with.
+  every layer's) must be equal. Rank 0's CPU seconds are printed too: on a machine whose
+  cores other jobs share, a second process gets less than a core, and the CPU time shows
+  how much work each rank was left with.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_out.py [--n 1000] [--repeats 3]
+
+and, for a quick look at the norms alone on a smaller model,
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_out.py --only norms --blocks 8
 
 Writes ``summary.json`` under ``--out`` (default ``runs/scale-out``), reusing the trained
 run and the exported ``.pt2`` found there.
@@ -43,13 +49,14 @@ LIPCERT = Path(sys.executable).with_name("lipcert")
 
 
 class GPT2Medium(nn.Module):
-    """Embedded sequence (B, T, 1024) → next-token logits at the last position (B, 50257)."""
+    """Embedded sequence (B, T, 1024) → next-token logits at the last position (B, 50257),
+    through ``blocks`` pre-LN blocks (24 in GPT-2-medium)."""
 
-    def __init__(self) -> None:
+    def __init__(self, blocks: int = 24) -> None:
         super().__init__()
         layer = nn.TransformerEncoderLayer(1024, 16, 4096, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, 24, enable_nested_tensor=False)
+        self.blocks = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(1024)
         self.unembed = nn.Linear(1024, 50257, bias=False)
 
@@ -69,15 +76,17 @@ def _launch(procs: int, argv: list[str]) -> list[str]:
             f"--nproc-per-node={procs}", *argv]
 
 
-def _prepare(out: Path, context: int) -> tuple[Path, Path]:
-    run, pt2 = out / "vit", out / "gpt2-medium.pt2"
-    if not (run / "model.safetensors").exists():
+def _prepare(out: Path, context: int, blocks: int, jobs: tuple[str, ...]) -> tuple[Path, Path]:
+    run = out / "vit"
+    pt2 = out / ("gpt2-medium.pt2" if (blocks, context) == (24, 16)
+                 else f"gpt2-medium-{blocks}-blocks-{context}-tokens.pt2")
+    if "attack" in jobs and not (run / "model.safetensors").exists():
         subprocess.run([str(LIPCERT), "train", "--preset", "vit-mnist-standard-tiny",
                         "--steps", "100", "--out", str(run), "--quiet"],
                        check=True, env=_env())
-    if not pt2.exists():
+    if "norms" in jobs and not pt2.exists():
         torch.manual_seed(0)
-        model = GPT2Medium().eval()
+        model = GPT2Medium(blocks).eval()
         example = torch.randn(2, context, 1024) * 0.5
         torch.export.save(torch.export.export(model, (example,)), pt2)
     return run, pt2
@@ -102,8 +111,9 @@ def _norms(procs: int, pt2: Path, context: int) -> dict[str, float]:
 
 
 def norms_worker(pt2: Path, context: int) -> None:
-    """One rank: load the program, wait for the others, certify, print rank 0's times."""
-    from lipcert.certificate import certify
+    """One rank: load the program, wait for the others, certify as ``lipcert certify``
+    does under torchrun (``certify_shared``), print rank 0's times."""
+    from lipcert.certify_shards import certify_shared
     from lipcert.distributed import broadcast, world
     from lipcert.loading import load_model
 
@@ -115,11 +125,13 @@ def norms_worker(pt2: Path, context: int) -> None:
     load_s = time.perf_counter() - started
     broadcast(None)  # every rank has loaded
     started, cpu = time.perf_counter(), time.process_time()
-    cert = certify(program, x, label, domain=(-1e3, 1e3), mode="global", method="exact")
+    cert = certify_shared(program, x, label, indices=[0], eps=[1.0], domain=(-1e3, 1e3),
+                          mode="global", method="exact")
     certify_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu
     if world().main:
         print(json.dumps({"certify_s": certify_s, "certify_cpu_s": cpu_s, "load_s": load_s,
                           "global_bound_s": cert.timing_s["global_bound"],
+                          "layers_s": cert.timing_s["layers"],
                           "lipschitz_upper": cert.lipschitz_upper,
                           "layers": [row.upper for row in cert.layers]}))
 
@@ -129,43 +141,55 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="MNIST images attacked")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--context", type=int, default=16, help="tokens of the sequence")
+    parser.add_argument("--blocks", type=int, default=24,
+                        help="blocks of the GPT-2-medium-shaped model (fewer: a quicker check)")
+    parser.add_argument("--only", choices=("attack", "norms"), default=None,
+                        help="run one of the two benchmarks")
     parser.add_argument("--out", type=Path, default=Path("runs/scale-out"))
     parser.add_argument("--norms-worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.norms_worker is not None:
         norms_worker(args.norms_worker, args.context)
         return
+    jobs = ("attack", "norms") if args.only is None else (args.only,)
     args.out.mkdir(parents=True, exist_ok=True)
-    run, pt2 = _prepare(args.out, args.context)
+    run, pt2 = _prepare(args.out, args.context, args.blocks, jobs)
     attack_s: dict[int, list[float]] = {1: [], 2: []}
     norms: dict[int, list[dict[str, float]]] = {1: [], 2: []}
     for rep in range(args.repeats):
         for procs in (1, 2):
-            csv = args.out / f"attacks-{procs}.csv"
-            attack_s[procs].append(_attack(procs, run, args.n, csv))
-            norms[procs].append(_norms(procs, pt2, args.context))
-            print(f"run {rep + 1}, {procs} process(es): attack {attack_s[procs][-1]:.1f} s, "
-                  f"certify {norms[procs][-1]['certify_s']:.1f} s (CPU of rank 0 "
-                  f"{norms[procs][-1]['certify_cpu_s']:.1f} s, command "
-                  f"{norms[procs][-1]['command_s']:.1f} s)", flush=True)
-        same_csv = ((args.out / "attacks-1.csv").read_bytes()
-                    == (args.out / "attacks-2.csv").read_bytes())
-        if not same_csv:
+            line = f"run {rep + 1}, {procs} process(es):"
+            if "attack" in jobs:
+                csv = args.out / f"attacks-{procs}.csv"
+                attack_s[procs].append(_attack(procs, run, args.n, csv))
+                line += f" attack {attack_s[procs][-1]:.1f} s"
+            if "norms" in jobs:
+                r = _norms(procs, pt2, args.context)
+                norms[procs].append(r)
+                line += (f" certify {r['certify_s']:.1f} s (rank 0: CPU {r['certify_cpu_s']:.1f}"
+                         f" s, global bound {r['global_bound_s']:.1f} s, layer table "
+                         f"{r['layers_s']:.1f} s; command {r['command_s']:.1f} s)")
+            print(line, flush=True)
+        if "attack" in jobs and ((args.out / "attacks-1.csv").read_bytes()
+                                 != (args.out / "attacks-2.csv").read_bytes()):
             raise SystemExit("the attack CSVs of 1 and 2 processes differ")
-    # the global bound of a pre-LN model on this box is inf: compare every layer's bound too
-    bounds = {json.dumps([r["lipschitz_upper"], r["layers"]]) for runs in norms.values()
-              for r in runs}
-    if len(bounds) != 1:
-        raise SystemExit("the certified bounds of 1 and 2 processes differ")
-    summary = {"n": args.n, "repeats": args.repeats, "context": args.context}
-    for what, times in (("attack", attack_s),
-                        ("norms", {p: [r["certify_s"] for r in rs] for p, rs in norms.items()})):
-        one, two = statistics.median(times[1]), statistics.median(times[2])
+    summary: dict[str, object] = {"n": args.n, "repeats": args.repeats,
+                                  "context": args.context, "blocks": args.blocks}
+    times = {"attack": attack_s,
+             "norms": {p: [r["certify_s"] for r in rs] for p, rs in norms.items()}}
+    for what in jobs:
+        one, two = statistics.median(times[what][1]), statistics.median(times[what][2])
         summary[what] = {"median_1_s": one, "median_2_s": two, "speed_up": one / two}
         print(f"{what}: median {one:.1f} s with 1 process, {two:.1f} s with 2: "
               f"speed-up {one / two:.2f}x")
-    summary["lipschitz_upper"], layers = json.loads(bounds.pop())
-    summary["layer_bounds"] = len(layers)
+    if "norms" in jobs:
+        # the global bound of a pre-LN model on this box is inf: compare every layer's too
+        bounds = {json.dumps([r["lipschitz_upper"], r["layers"]]) for runs in norms.values()
+                  for r in runs}
+        if len(bounds) != 1:
+            raise SystemExit("the certified bounds of 1 and 2 processes differ")
+        summary["lipschitz_upper"], layers = json.loads(bounds.pop())
+        summary["layer_bounds"] = len(layers)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -9,16 +9,18 @@ on gloo). Without those variables there is no process group: every function here
 as the identity on a world of one process, and the commands run exactly as before.
 
 What the commands do with it: each rank takes a contiguous block of whole work units
-(:func:`block`: attack batches, certify's chunks of samples, the weight matrices whose
-norms certify needs), rank 0 gathers what the others found (:func:`gather`) and writes the
-outputs, and a decision made on rank 0 (:func:`on_main`), a refusal included, reaches every
-rank, so no rank waits for a partner that has stopped.
+(:func:`block`: attack batches, certify's chunks of samples, training rows), rank 0
+gathers what the others found (:func:`gather`) and writes the outputs, and a decision made
+on rank 0 (:func:`on_main`), a refusal included, reaches every rank, so no rank waits for a
+partner that has stopped. Work that is claimed one unit at a time rather than split in
+advance (certify's weight norms) goes through the process group's key-value store
+(:func:`store`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -28,8 +30,8 @@ import torch.distributed as dist
 
 from lipcert.errors import LipcertError
 
-__all__ = ["World", "all_gather", "balance", "block", "broadcast", "gather", "is_main",
-           "on_main", "resolve_device", "world"]
+__all__ = ["World", "block", "broadcast", "gather", "is_main", "on_main", "resolve_device",
+           "store", "world"]
 
 T = TypeVar("T")
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -86,20 +88,6 @@ def block(n_units: int, w: World | None = None) -> range:
     return range(start, start + base + (w.rank < extra))
 
 
-def balance(costs: Sequence[float], w: World | None = None) -> list[int]:
-    """The positions of ``costs`` this rank takes: largest first, each to the rank with the
-    least total so far (ties to the lower rank), the same split on every rank."""
-    w = w or world()
-    loads = [0.0] * w.size
-    mine = []
-    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
-        r = min(range(w.size), key=lambda r: (loads[r], r))
-        loads[r] += costs[k]
-        if r == w.rank:
-            mine.append(k)
-    return sorted(mine)
-
-
 def gather(obj: T) -> list[T] | None:
     """Every rank's ``obj``, in rank order, on rank 0 (``None`` elsewhere)."""
     w = world()
@@ -107,16 +95,6 @@ def gather(obj: T) -> list[T] | None:
         return [obj]
     out: list[Any] | None = [None] * w.size if w.main else None
     dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def all_gather(obj: T) -> list[T]:
-    """Every rank's ``obj``, in rank order, on every rank."""
-    w = world()
-    if w.size == 1:
-        return [obj]
-    out: list[Any] = [None] * w.size
-    dist.all_gather_object(out, obj)
     return out
 
 
@@ -143,6 +121,17 @@ def on_main(fn: Callable[[], T]) -> T:
     if error is not None:
         raise LipcertError(error)
     return result
+
+
+def store() -> dist.Store:
+    """A client of the key-value store that torchrun's agent (or rank 0's
+    ``init_process_group``) serves at ``MASTER_ADDR:MASTER_PORT``: atomic counters
+    (``add``) and values any rank can wait for (``get``), with the process group's timeout.
+    Only under torchrun (a world of several processes)."""
+    if world().size == 1:
+        raise LipcertError("a key-value store exists only under torchrun")
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=False, timeout=_TIMEOUT)
 
 
 def resolve_device(text: str) -> torch.device:

@@ -1,12 +1,14 @@
 """Processes sharing ``attack`` and ``certify`` (gloo on the CPU, started with
 ``torch.multiprocessing.spawn`` and torchrun's environment variables) write what one
-process writes; a killed rank resumes from its part file."""
+process writes; a killed rank resumes from its part file; each certified weight norm is
+computed once, by one rank, and an error there reaches every rank."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import torch.multiprocessing as mp
 
 from lipcert.checkpoint import save_run
 from lipcert.cli import main as lipcert
-from lipcert.distributed import World, balance, block, resolve_device, world
+from lipcert.distributed import World, block, resolve_device, world
 from lipcert.errors import LipcertError
 from lipcert.presets import preset
 from lipcert.train import train
@@ -70,14 +72,10 @@ def _certificate_numbers(path: Path) -> dict[str, Any]:
     return doc
 
 
-def test_ranks_take_contiguous_uneven_blocks_and_balanced_shares() -> None:
+def test_ranks_take_contiguous_uneven_blocks() -> None:
     blocks = [block(10, World(r, 3)) for r in range(3)]
     assert [list(b) for b in blocks] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert [len(block(2, World(r, 3))) for r in range(3)] == [1, 1, 0]
-    costs = [5.0, 1.0, 4.0, 2.0, 3.0]
-    shares = [balance(costs, World(r, 2)) for r in range(2)]
-    assert sorted(shares[0] + shares[1]) == list(range(5))
-    assert shares == [[0, 1, 3], [2, 4]]  # largest first to the lighter: 5+2+1 against 4+3
     assert world() == World()  # no torchrun variables: one process
 
 
@@ -192,21 +190,110 @@ def test_two_processes_resume_a_killed_rank_and_certify_as_one(run, tmp_path) ->
     assert json.loads(log.with_name("keys.1").read_text()) == 1
 
 
-def test_the_ranks_split_exactly_the_norms_a_propagation_computes(run, monkeypatch) -> None:
-    import lipcert.norm_shards as norm_shards
+def _shared_entries(cache: dict) -> dict[str, Any]:
+    """The shared norm-cache entries as JSON-able values (floats, lists of floats)."""
+    from lipcert.norm_shards import SHARED_KINDS
+
+    return {repr(k): v.tolist() if isinstance(v, torch.Tensor) else v
+            for k, v in dict.items(cache) if k[1] in SHARED_KINDS}
+
+
+def _wait_for(flag: Path) -> None:
+    while not flag.exists():
+        time.sleep(0.01)
+
+
+def _split_norms(rank: int, run: Path, propagating: list[int], out: Path) -> None:
+    from lipcert import load
+    from lipcert.bounds import Propagator
+    from lipcert.norm_shards import lend_norms, share_norms, sharing
+
+    torch.manual_seed(0)
+    model, x = load(run), torch.rand(2, 1, 28, 28)
+    helped = out / "helped"
+    with sharing(propagating):
+        if rank in propagating:
+            prop = Propagator.from_model(model, x)
+            share_norms(prop, (0.0, 1.0), x.shape[1:])
+            if propagating == [0]:
+                _wait_for(helped)  # every entry is claimed by now
+            prop.run((0.0, 1.0), sample_shape=x.shape[1:])
+            cache = prop.norm_cache
+        else:
+            cache = lend_norms(model, x, domain=(0.0, 1.0), method="exact",
+                               device=torch.device("cpu"))
+            helped.touch()
+    (out / f"{rank}.json").write_text(json.dumps(
+        {"computed": [repr(k) for k in cache.computed], "entries": _shared_entries(cache)}))
+    dist.barrier()  # rank 0 serves the store until every rank is done with it
+
+
+@pytest.mark.parametrize("size, propagating", [(2, [0]), (3, [0, 1])])
+def test_the_ranks_split_exactly_the_norms_a_propagation_computes(run, tmp_path, size,
+                                                                   propagating) -> None:
     from lipcert import load
     from lipcert.bounds import Propagator
 
+    torch.manual_seed(0)
     model, x = load(run), torch.rand(2, 1, 28, 28)
     alone = Propagator.from_model(model, x)
     alone.run((0.0, 1.0), sample_shape=x.shape[1:])
-    norms = {k: v for k, v in alone.norm_cache.items() if k[1] == "opnorm"}
-    assert len(norms) >= 6
-    shares = []
-    for rank in range(2):
-        monkeypatch.setattr(norm_shards, "world", lambda rank=rank: World(rank, 2))
-        monkeypatch.setattr(norm_shards, "all_gather", lambda found: shares.append(found) or [])
-        prop = Propagator.from_model(model, x)
-        norm_shards.share_norms(prop, (0.0, 1.0), x.shape[1:])
-    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
-    assert {**shares[0], **shares[1]} == norms
+    wanted = _shared_entries(alone.norm_cache)
+    assert sum("'opnorm'" in k for k in wanted) >= 6 and any("'rownorms'" in k for k in wanted)
+    spawn(size, _split_norms, run, propagating, tmp_path)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(size)]
+    computed = [set(r["computed"]) for r in ranks]
+    assert sum(map(len, computed)) == len(set().union(*computed))  # each entry once
+    assert set().union(*computed) == set(wanted)  # all of them, nothing more
+    for r in propagating:  # a propagating rank ends with one process's values, bit for bit
+        assert ranks[r]["entries"] == wanted
+    if propagating == [0]:  # the helper's walk listed every entry; rank 0 fetched them all
+        assert computed == [set(), set(wanted)]
+
+
+def _failing_norm(rank: int, run: Path, out: Path) -> None:
+    import lipcert.norm_shards as norm_shards
+    from lipcert import load
+    from lipcert.bounds import Propagator
+    from lipcert.certify_shards import certify_shared
+
+    failed = out / "failed"
+    if rank == 1:
+        def fail(*args: Any) -> float:
+            failed.touch()
+            raise LipcertError("norm failed on rank 1")
+
+        norm_shards._opnorm_on = fail  # every matrix norm the helper claims fails
+    else:
+        propagate = Propagator.run
+
+        def later(*args: Any, **kwargs: Any) -> Any:
+            _wait_for(failed)  # the helper has claimed a matrix and failed on it
+            return propagate(*args, **kwargs)
+
+        Propagator.run = later
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 28, 28)
+    try:
+        certify_shared(load(run), x, torch.zeros(3, dtype=torch.long), indices=[0, 1, 2],
+                       eps=[0.5])
+    except LipcertError as err:
+        (out / f"{rank}.txt").write_text(str(err))
+
+
+def test_an_error_in_one_ranks_norm_reaches_every_rank(run, tmp_path) -> None:
+    spawn(2, _failing_norm, run, tmp_path)
+    assert [(tmp_path / f"{r}.txt").read_text() for r in range(2)] == [
+        "norm failed on rank 1"] * 2
+
+
+def test_two_processes_certify_a_single_chunk_as_one(run, tmp_path) -> None:
+    """At most 256 samples: rank 0 alone propagates, the other rank only lends norms."""
+    commands = [["certify", str(run), "--data", "mnist", "--n", "30", "--no-lower",
+                 "--mode", mode, "-o", str(tmp_path / f"{{}}-{mode}.json")]
+                for mode in ("global", "local")]
+    _commands(0, [[a.format("one") for a in c] for c in commands])
+    spawn(2, _commands, [[a.format("two") for a in c] for c in commands])
+    for mode in ("global", "local"):
+        assert (_certificate_numbers(tmp_path / f"two-{mode}.json")
+                == _certificate_numbers(tmp_path / f"one-{mode}.json"))
