@@ -5,15 +5,19 @@ ConvNeXt, ResNet, BERT, DistilBERT, GPT-2, a Llama-style decoder, all with rando
 from tiny configs; deel-torchlip's dense and convolutional networks): export with
 ``torch.export`` (dynamic batch), ``torch.export.save``, then ``lipcert certify`` in-process
 on the model's own samples (``--inputs``; labels = its predictions), globally (pixels on
-``--domain box:0,1``, text on ``--embedding-table``) and locally. One row per model:
+``--domain box:0,1``, text on ``--embedding-table``), locally and in margin mode. One row per
+model:
 
 * ``ops``: distinct operators in the exported graph;
 * ``global bound`` and its wall time; ``local median r``: the median certified L2 radius
   over the samples, and its wall time;
 * ``max Jacobian norm``: the largest exact Jacobian spectral norm measured (float64, at the
   samples and after a few steps of gradient ascent inside the set each bound covers);
+* ``margin median r`` and its wall time: margin mode (margin-gradient bounds with symbolic
+  remainders), or the one-line reason it refuses the model;
 * ``sound``: ``yes`` if no measured norm exceeds the bound that covers it (global: the
-  global bound; local: each sample's L(x, r) on its certified ball).
+  global bound; local: each sample's L(x, r) on its certified ball) and gradient descent on
+  the margins finds no other label inside any margin-mode radius.
 
 A model lipcert cannot certify gets its one-line error in place of the numbers.
 
@@ -43,7 +47,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from third_party_zoo import ARCHS, Prepared, largest_jacobian_norm, prepare
+from third_party_zoo import ARCHS, Prepared, largest_jacobian_norm, prepare, smallest_margin
 
 from lipcert.atomic import write_text_atomic
 from lipcert.cli import main as lipcert
@@ -74,7 +78,8 @@ def row(name: str, folder: Path) -> dict[str, str]:
     glob, t_glob, err = certify(p, "global", folder / "global.json")
     if glob is None:
         return {**out, "global bound": err, "global s": f"{t_glob:.1f}", "local median r": "",
-                "local s": "", "max Jacobian norm": "", "sound": ""}
+                "local s": "", "margin median r": "", "margin s": "",
+                "max Jacobian norm": "", "sound": ""}
     upper = float(glob["lipschitz"]["upper"])
     centre, searched = largest_jacobian_norm(p, p.x, None)
     measured = float(torch.maximum(centre, searched).max())
@@ -91,8 +96,17 @@ def row(name: str, folder: Path) -> dict[str, str]:
         local_max = torch.maximum(centre, searched)
         sound = sound and bool((local_max <= lips * (1 + 1e-6)).all())
         measured = max(measured, float(local_max.max()))
+    margin, t_margin, err = certify(p, "margin", folder / "margin.json")
+    if margin is None:
+        margin_median = err
+    else:
+        radii = torch.tensor([float(s["radius_l2"]) for s in margin["samples"]], dtype=F64)
+        margin_median = f"{statistics.median(radii.tolist()):.4g}"
+        worst = smallest_margin(p, radii)
+        sound = sound and bool((worst[radii > 0] > 0).all())
     return {**out, "global bound": f"{upper:.4g}", "global s": f"{t_glob:.1f}",
             "local median r": median, "local s": f"{t_loc:.1f}",
+            "margin median r": margin_median, "margin s": f"{t_margin:.1f}",
             "max Jacobian norm": f"{measured:.4g}", "sound": "yes" if sound else "NO"}
 
 

@@ -7,7 +7,8 @@ into ``--runs`` if missing), and an ``nn.TransformerEncoder`` pre-LN classifier
 
 On the first ``--n`` MNIST test images, per model: clean accuracy; certified accuracy at
 L2 ε ∈ {0.01, 0.02, 0.05, 0.1} and the median certified radius of the existing local mode
-(``lipcert.certificate.certify(mode="local")``) and of ``margin_radii``; seconds per sample
+(``lipcert.certificate.certify(mode="local")``) and of ``margin_radii`` without
+(``wrapped``) and with symbolic remainders (``new``, the default); seconds per sample
 of each on one thread; and the median smallest adversarial L2 perturbation found by
 DeepFool and PGD-L2 (``attacks.minimal``), with the ratio to the median new radius. Then a
 scaling sweep over width and depth (standard ViTs briefly trained, ``--sweep-n`` images):
@@ -15,6 +16,9 @@ seconds per sample and median radius. Writes ``table.csv``, ``table.md``, ``swee
 ``summary.json`` under ``--out``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/local_margin.py --n 200
+
+``--models standard,lipschitz,encoder`` picks a subset (to run them in parallel processes,
+each with its own ``--out``); ``--sweep-n 0`` skips the sweep.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -99,6 +104,9 @@ def measure(name: str, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, obje
     t_old = (time.perf_counter() - t) / len(x)
     r_old = torch.tensor([s.radius_l2 for s in old.samples], dtype=torch.float64)
     t = time.perf_counter()
+    wrapped = margin_radii(program, x, y, symbolic=False)
+    t_wrapped = (time.perf_counter() - t) / len(x)
+    t = time.perf_counter()
     new = margin_radii(program, x, y)
     t_new = (time.perf_counter() - t) / len(x)
     attack = minimal_perturbation(model, x, y, methods=("deepfool", "pgdl2"))
@@ -107,15 +115,19 @@ def measure(name: str, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, obje
     med_new = float(new.radius[correct].median()) if bool(correct.any()) else math.nan
     row: dict[str, object] = {"model": name, "clean": clean}
     row.update({f"old {k}": v for k, v in _accuracy(r_old).items()})
+    row.update({f"wrapped {k}": v for k, v in _accuracy(wrapped.radius).items()})
     row.update({f"new {k}": v for k, v in _accuracy(new.radius).items()})
     row.update({
         "old median r": float(r_old[correct].median()) if bool(correct.any()) else math.nan,
+        "wrapped median r": float(wrapped.radius[correct].median()) if bool(correct.any())
+        else math.nan,
         "new median r": med_new,
         "median linear estimate m/|grad m|": float((new.margin / new.gradient_bound)[correct]
                                                    .median()),
         "median min adv l2": float(adv.nanmedian()),
         "adv / new": float(adv.nanmedian()) / med_new if med_new > 0 else math.inf,
         "old s/sample": t_old,
+        "wrapped s/sample": t_wrapped,
         "new s/sample": t_new,
     })
     return row
@@ -137,6 +149,15 @@ def sweep(x: Tensor, y: Tensor, steps: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+MODELS: dict[str, tuple[str, Callable[[argparse.Namespace], nn.Module]]] = {
+    "standard": ("vit-mnist-standard",
+                 lambda a: preset_model("vit-mnist-standard", a.runs / "standard")),
+    "lipschitz": ("vit-mnist-lipschitz",
+                  lambda a: preset_model("vit-mnist-lipschitz", a.runs / "lipschitz")),
+    "encoder": ("TransformerEncoder pre-LN", lambda a: train_encoder(a.te_budget_s)),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200)
@@ -145,19 +166,26 @@ def main() -> None:
     parser.add_argument("--sweep-n", type=int, default=16)
     parser.add_argument("--sweep-steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("runs/local-margin"))
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated subset of {', '.join(MODELS)}")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_dataset("mnist")
     x, y = data.x_test[:args.n], data.y_test[:args.n]
-    models = {
-        "vit-mnist-standard": preset_model("vit-mnist-standard", args.runs / "standard"),
-        "vit-mnist-lipschitz": preset_model("vit-mnist-lipschitz", args.runs / "lipschitz"),
-        "TransformerEncoder pre-LN": train_encoder(args.te_budget_s),
-    }
-    table = pd.DataFrame([measure(name, m, x, y) for name, m in models.items()])
+    chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(chosen) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s): {', '.join(unknown)}")
+    rows = []
+    for key in chosen:
+        name, make = MODELS[key]
+        rows.append(measure(name, make(args), x, y))
+    table = pd.DataFrame(rows)
     table.to_csv(args.out / "table.csv", index=False)
     (args.out / "table.md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
     print(table.to_markdown(index=False, floatfmt=".4g"))
+    if args.sweep_n < 1:
+        return
     scaling = sweep(x[:args.sweep_n], y[:args.sweep_n], args.sweep_steps)
     scaling.to_csv(args.out / "sweep.csv", index=False)
     print(scaling.to_markdown(index=False, floatfmt=".4g"))

@@ -110,6 +110,7 @@ def test_demo_flags_are_checked(tmp_path: Path) -> None:
             main(["demo", "-o", str(tmp_path / "d"), *argv])
         assert exit_info.value.code == 2
     assert main(["demo", "-o", str(tmp_path / "d"), "--n-local", "0"]) == 2
+    assert main(["demo", "-o", str(tmp_path / "d"), "--n-margin", "0"]) == 2
     assert not (tmp_path / "d").exists()
 
 
@@ -122,3 +123,4 @@ def test_demo_help_states_the_settings_defaults() -> None:
     d = DemoSettings()
     assert f"(default {d.out})" in text and f"(default {d.n_certify})" in text
     assert f"(default {d.n_local})" in text and f"default {d.train_budget_s:g})" in text
+    assert f"(default {d.n_margin})" in text

@@ -7,7 +7,8 @@ networks), each exported with ``torch.export`` (dynamic batch), saved with
 own samples (``--inputs``, with ``--domain`` or ``--embedding-table``). The certificates are
 checked against exact Jacobian spectral norms of the eager model in float64, at the samples
 and at points found by gradient ascent on the Jacobian norm inside the set each bound covers
-(the domain; the certified ball ∩ the domain).
+(the domain; the certified ball ∩ the domain). Margin mode is checked on the transformers it
+covers by gradient descent on the margins inside each certified radius.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from third_party_zoo import ARCHS, Prepared, largest_jacobian_norm, prepare
+from third_party_zoo import ARCHS, Prepared, largest_jacobian_norm, prepare, smallest_margin
 from torch import nn
 
 from lipcert.cli import main
@@ -79,3 +80,19 @@ def test_zero_bound_model_prints_its_table(tmp_path: Path, capsys) -> None:
     assert rc == 0, out.err
     assert "empirical lower bound: 0  (ratio n/a)" in out.out
     assert json.loads((tmp_path / "c.json").read_text())["lipschitz"]["upper"] == 0
+
+
+@pytest.mark.parametrize("name", ["vit", "distilbert", "gpt2", "llama"])
+def test_margin_mode_through_the_cli(name: str, tmp_path: Path, capsys) -> None:
+    """Margin mode (margin-gradient bounds with symbolic remainders) on the saved program:
+    no sample's radius below the local mode's, the margin certificate gives some of them,
+    and gradient descent on the margins finds no other label inside any certified radius."""
+    p = prepare(name, tmp_path)
+    local = certify_cli(p, "local", tmp_path / "local.json", capsys)["samples"]
+    margin = certify_cli(p, "margin", tmp_path / "margin.json", capsys)["samples"]
+    r_local = torch.tensor([float(s["radius_l2"]) for s in local], dtype=F64)
+    radii = torch.tensor([float(s["radius_l2"]) for s in margin], dtype=F64)
+    assert bool((radii >= r_local * (1 - 1e-12)).all())
+    assert "margin" in {s["radius_method"] for s in margin}
+    worst = smallest_margin(p, radii)
+    assert bool((worst[radii > 0] > 0).all()), worst

@@ -9,11 +9,13 @@ wrapper a user exports); deel-torchlip's dense and convolutional networks after
 ``torch.export.save`` and writes its samples (``--inputs``) and, for text, its embedding
 table (``--embedding-table``); ``largest_jacobian_norm`` measures exact Jacobian spectral
 norms of the eager model in float64, at the samples and at points found by gradient ascent
-inside the set a bound covers.
+inside the set a bound covers; ``smallest_margin`` searches each certified ball for another
+label.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,3 +231,36 @@ def largest_jacobian_norm(p: Prepared, centers: torch.Tensor, radii: torch.Tenso
         x = into_set(x.detach() + 0.1 * step)
     best = torch.maximum(best, jacobian_norms(p.model64, x).detach())
     return at_centre, best
+
+
+def smallest_margin(p: Prepared, radii: torch.Tensor, steps: int = 50) -> torch.Tensor:
+    """Per sample, the smallest margin z_y − max_{j≠y} z_j that projected gradient descent
+    (two random starts) finds on B(x, r) ∩ domain, on the eager float64 model."""
+    g = torch.Generator().manual_seed(2)
+    x0 = p.x.to(F64)
+    shape = (-1, *[1] * (x0.dim() - 1))
+
+    def margins(v: torch.Tensor) -> torch.Tensor:
+        z = p.model64(v)
+        own = z.gather(1, p.y[:, None]).squeeze(1)
+        return own - z.scatter(1, p.y[:, None], -math.inf).amax(1)
+
+    def into_set(v: torch.Tensor) -> torch.Tensor:
+        d = p.project(v) - x0
+        f = torch.clamp(radii / d.flatten(1).norm(dim=1).clamp_min(1e-300), max=1.0)
+        return p.project(x0 + d * f.reshape(shape))
+
+    best = torch.full((len(x0),), math.inf, dtype=F64)
+    for _ in range(2):
+        x = into_set(x0 + radii.reshape(shape) * torch.randn(x0.shape, generator=g, dtype=F64))
+        for _ in range(steps):
+            x = x.detach().requires_grad_(True)
+            m = margins(x)
+            best = torch.minimum(best, m.detach())
+            (grad,) = torch.autograd.grad(m.sum(), x)
+            step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-300).reshape(shape)
+            x = into_set(x.detach() - 0.1 * radii.reshape(shape) * step)
+        with torch.no_grad():
+            best = torch.minimum(best, margins(x))
+    return best
+

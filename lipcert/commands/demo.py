@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--n-local", type=int, default=None, metavar="N",
                    help="test images certified locally, then attacked (FGSM, PGD, PGD-L2, "
                    "minimal perturbation) with the audit on (default 100)")
+    p.add_argument("--n-margin", type=int, default=None, metavar="N",
+                   help="test images certified in margin mode (symbolic remainders, a few "
+                   "seconds each) for the Lipschitz and standard ViTs (default 30)")
     p.add_argument("--train-budget-s", type=seconds_argument, default=None, metavar="SECONDS",
                    help="wall-clock seconds of training, shared by the three models (a "
                    "quarter each for the Lipschitz and standard ViTs, half for the certified "
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from reports.render import summary_text
 
     given = {"out": args.out, "n_certify": args.n_certify, "n_local": args.n_local,
-             "train_budget_s": args.train_budget_s}
+             "n_margin": args.n_margin, "train_budget_s": args.train_budget_s}
     settings = DemoSettings(**{k: v for k, v in given.items() if v is not None})
     with _stage_display(stdout_is_terminal()) as on_stage:
         result = run_demo(settings, on_stage)

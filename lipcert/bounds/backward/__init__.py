@@ -9,15 +9,18 @@ Layout:
 * ``rules/``       per op, a forward-interval rule and a backward rule, grouped like the
                    engine's rules (linear, pointwise, arithmetic, norm, attention, shape,
                    custom);
-* ``jacobian.py``  row norms of the exact Jacobian at the centre (forward-mode AD);
+* ``jacobian.py``  row norms of the exact Jacobian at the centre (forward-mode AD), and the
+                   gains of every op's output rows at later nodes;
 * ``forward.py``   forward intervals (Taylor models) of every node over the ball ∩ domain;
+* ``symbolic.py``  symbolic remainders: the ops' own second-order terms weighted by exact
+                   centre sensitivities instead of wrapped op by op;
 * ``walk.py``      the reverse walk over the exported graph;
 * ``margins.py``   margin bounds and certified radii (:func:`margin_radii`).
 
 Adding an op: one ``@forward_rule`` (the op's interval and Taylor remainder given its
-inputs' :class:`Box`) and one ``@backward_rule`` (the gradient enclosures of its inputs
-given its output's), each with its derivation, and a case in
-``tests/test_backward_rules.py``.
+inputs' :class:`Box`, and the op's own remainder unless it is affine) and one
+``@backward_rule`` (the gradient enclosures of its inputs given its output's), each with its
+derivation, and a case in ``tests/test_backward_rules.py``.
 """
 
 from lipcert.bounds.backward.forward import Intervals, check_rules

@@ -29,9 +29,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 import lipcert.bounds.backward.rules  # noqa: F401  (registers the rules)
 from lipcert.bounds import Bound, BoxDomain, EmbeddingDomain, Propagator
 from lipcert.bounds.backward.interval import TINY, Box, row_norm
-from lipcert.bounds.backward.jacobian import SDPA, centre_jacobian_norms
+from lipcert.bounds.backward.jacobian import SDPA, centre_jacobian_norms, is_runtime_check
 from lipcert.bounds.backward.registry import FwdCtx, lookup_backward, lookup_forward
 from lipcert.bounds.backward.rules.shape import CONSTANT_OPS
+from lipcert.bounds.backward.symbolic import SymbolicRemainders
 from lipcert.bounds.state import F64, Domain
 from lipcert.errors import LipcertError
 
@@ -61,6 +62,7 @@ def _finish(out: Any, lin: Tensor | None) -> Any:
     pad = REL * (mag + v.abs()) + TINY
     lo, hi = out.lo - pad, out.hi + pad
     e_lo, e_hi = out.e_lo, out.e_hi
+    own_lo, own_hi = (out.own_lo - pad, out.own_hi + pad) if out.has_own else (None, None)
     if lin is not None and e_lo is not None and e_hi is not None:
         lo = torch.maximum(lo, v - lin + e_lo - pad)
         hi = torch.minimum(hi, v + lin + e_hi + pad)
@@ -68,7 +70,7 @@ def _finish(out: Any, lin: Tensor | None) -> Any:
         e_hi = torch.minimum(e_hi, hi - v + lin + pad)
     lo, hi = torch.minimum(lo, v), torch.maximum(hi, v)
     if v.dim() == 0:
-        return Box(v, lo, hi, out.l2, None, e_lo, e_hi, out.aux)
+        return Box(v, lo, hi, out.l2, None, e_lo, e_hi, out.aux, own_lo, own_hi)
     rdev = row_norm(torch.maximum(hi - v, v - lo))
     if out.rdev is not None:
         rdev = torch.minimum(rdev, out.rdev.expand(rdev.shape))
@@ -77,7 +79,7 @@ def _finish(out: Any, lin: Tensor | None) -> Any:
     move = rdev.unsqueeze(-1) + pad
     lo = torch.maximum(lo, v - move)
     hi = torch.minimum(hi, v + move)
-    return Box(v, lo, hi, out.l2, rdev, e_lo, e_hi, out.aux)
+    return Box(v, lo, hi, out.l2, rdev, e_lo, e_hi, out.aux, own_lo, own_hi)
 
 
 def input_box(domain: Domain, center: Tensor, radius: Tensor) -> Box:
@@ -112,6 +114,8 @@ class Intervals:
         self._centre: Tensor | None = None
         self._norms: dict[str, Tensor] = {}
         self._sids: dict[str, Tensor | None] = {}
+        self.symbolic: SymbolicRemainders | None = None
+        self._symbolic_key: tuple[Tensor, Tensor] | None = None
 
     def prepare(self, center: Tensor) -> None:
         """Centre Jacobian row norms and the sample of every element, for this batch."""
@@ -131,6 +135,40 @@ class Intervals:
                     sids[f"{node.name}.scores"] = sids[f"{node.name}.probs"] = inner
         self._sids = sids
         self._centre = center
+
+    def batch_major(self, name: str) -> bool:
+        """Whether dim 0 of the node is the sample (by the bound engine's sample ids)."""
+        sid = self._sids.get(name)
+        if sid is None or sid.dim() == 0 or self._centre is None:
+            return False
+        n = self._centre.shape[0]
+        if sid.shape[0] != n:
+            return False
+        ids = torch.arange(n).reshape(-1, *([1] * (sid.dim() - 1)))
+        return bool((sid == ids).all())
+
+    def prepare_symbolic(self, center: Tensor, labels: Tensor, logits_name: str) -> bool:
+        """Set up the symbolic remainders (``symbolic.py``) for this batch of centres and
+        labels; True if the model is within that method. Later calls with this same
+        ``center`` tensor tighten the intervals with them."""
+        self.prepare(center)
+        self.symbolic = None
+        env0 = self(center, torch.zeros(center.shape[0], dtype=F64))
+        sym = SymbolicRemainders(self.graph, self.consts, self.prop.input_name, logits_name)
+        if not sym.prepare(center, labels, env0, self.batch_major):
+            return False
+        self.symbolic, self._symbolic_key = sym, (center, labels)
+        return True
+
+    def symbolic_for(self, center: Tensor, labels: Tensor | None = None
+                     ) -> SymbolicRemainders | None:
+        """The symbolic remainders prepared for exactly these centres (and labels)."""
+        if self.symbolic is None or self._symbolic_key is None:
+            return None
+        c, y = self._symbolic_key
+        if c is not center or (labels is not None and not torch.equal(y, labels)):
+            return None
+        return self.symbolic
 
     def first_order(self, name: str, radius: Tensor, shape: torch.Size) -> Tensor | None:
         """r·‖A_row‖ of a node (or of an attention's scores or probabilities) per element."""
@@ -152,31 +190,38 @@ class Intervals:
         radius = radius.to(F64)
         env: dict[str, Any] = {}
         ctx = FwdCtx(n=center.shape[0], cache=self.cache)
+        sym = self.symbolic_for(center) if self.taylor else None
+        tighten = None if sym is None else (lambda name, out: sym.tighten(name, out, env))
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 env[node.name] = (input_box(self.domain, center, radius)
                                   if node.name == self.prop.input_name
                                   else self.consts[node.name])
             elif node.op == "call_function":
-                env[node.name] = self._apply(ctx, node, env, radius)
+                env[node.name] = self._apply(ctx, node, env, radius, tighten)
         return env
 
     def _apply(self, ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
-               radius: Tensor) -> Any:
+               radius: Tensor, tighten: Tighten | None) -> Any:
         if not self.taylor:
             return forward_node(ctx, node, env, None)
         return forward_node(ctx, node, env, lambda name, shape: self.first_order(
-            name, radius, shape))
+            name, radius, shape), tighten)
 
 
 FirstOrder = Callable[[str, torch.Size], Tensor | None]
+Tighten = Callable[[str, Any], Any]
 
 
 def forward_node(ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
-                 first_order: FirstOrder | None) -> Any:
+                 first_order: FirstOrder | None, tighten: Tighten | None = None) -> Any:
     """The forward value of one call node from ``env``: constant folding, or its forward rule
     and :func:`_finish`. ``first_order(name, shape)``: r·‖A_row‖ of a node (or of an
-    attention's ``<name>.scores`` / ``<name>.probs``), or None without Taylor models."""
+    attention's ``<name>.scores`` / ``<name>.probs``), or None without Taylor models;
+    ``tighten(name, box)``: a sharper remainder (symbolic remainders), applied before
+    :func:`_finish` intersects the interval with the Taylor model."""
+    if is_runtime_check(node.target):
+        return None
     args = map_arg(node.args, lambda a: env[a.name])
     kwargs = map_arg(dict(node.kwargs), lambda a: env[a.name])
     if node.target is operator.getitem and isinstance(args[0], list | tuple):
@@ -197,9 +242,15 @@ def forward_node(ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
         ctx.first_order = {f"{node.name}.{part}": first_order(f"{node.name}.{part}", shape)
                            for part in ("scores", "probs")}
     out = fn(ctx, *args, **kwargs)
+    if tighten is not None:
+        out = tighten(node.name, out)
     lin = first_order(node.name, out.shape) if first_order is not None and isinstance(
         out, Box) else None
     return _finish(out, lin)
+
+
+SHAPE_QUERIES = {torch.ops.aten.sym_size, torch.ops.aten.sym_numel, torch.ops.aten.sym_stride,
+                 torch.ops.aten.size, torch.ops.aten.numel, torch.ops.aten.dim}
 
 
 def dependent_nodes(graph: torch.fx.Graph, input_name: str) -> list[torch.fx.Node]:
@@ -217,10 +268,17 @@ def check_rules(graph: torch.fx.Graph, input_name: str) -> None:
     """Raise one error naming every operator on the input's path that lacks a forward rule,
     or (for an op with a floating-point output that is not a constant) a backward rule."""
     missing: dict[str, str] = {}
+    # Nodes that read only the input's sizes (arange(seq_len), a buffer sliced to the
+    # sequence length) are constants for a batch, evaluated as they are.
+    by_value = {input_name}
     for node in dependent_nodes(graph, input_name):
-        if node.target is operator.getitem:
+        packet = getattr(node.target, "overloadpacket", node.target)
+        if packet in SHAPE_QUERIES or packet in CONSTANT_OPS:
+            continue  # shape queries, zeros_like & co. (their own forward rules)
+        if not any(a.name in by_value for a in node.all_input_nodes):
             continue
-        if getattr(node.target, "overloadpacket", None) in CONSTANT_OPS:
+        by_value.add(node.name)
+        if node.target is operator.getitem:
             continue
         leaves = tree_flatten(node.meta.get("val"))[0]
         if not any(isinstance(t, Tensor) for t in leaves):

@@ -8,6 +8,10 @@ last dimension (``rdev``, a token's deviation), which keep the geometry of the i
 that elementwise boxes lose. ``e_lo``, ``e_hi`` enclose the second-order remainder of the
 Taylor model x = x₀ + A·δ + e (δ the input's deviation from the centre, A the exact
 Jacobian at the centre), whose first-order part the forward walk bounds by r·‖A_row‖.
+Every rule computes it as e_y = J₀·e_x + R_y (J₀ the op's Jacobian at the centre); a rule
+of an op that is not affine also reports its own term R_y (``own_lo``, ``own_hi``), an
+enclosure of y − y₀ − J₀·(x − x₀) over the op's input set, which the symbolic remainders
+(``symbolic.py``) carry without wrapping.
 
 Float64 rounding (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1 and (3.5)):
 a sum of k products computed in floating point differs from the exact one by at most
@@ -74,6 +78,8 @@ class Box:
     e_lo: Tensor | None = None  # remainder x − x₀ − A·(input − centre) ∈ [e_lo, e_hi], A the
     e_hi: Tensor | None = None  # exact Jacobian at the centre (None: not tracked)
     aux: dict[str, Tensor] | None = None  # a rule's internal enclosures, for its backward rule
+    own_lo: Tensor | None = None  # the op's own remainder y − y₀ − J₀(x − x₀) ∈ [own_lo,
+    own_hi: Tensor | None = None  # own_hi] (None: affine op, or not tracked)
 
     @property
     def shape(self) -> torch.Size:
@@ -98,6 +104,10 @@ class Box:
     @property
     def has_e(self) -> bool:
         return self.e_lo is not None and self.e_hi is not None
+
+    @property
+    def has_own(self) -> bool:
+        return self.own_lo is not None and self.own_hi is not None
 
     def e_mid_rad(self) -> tuple[Tensor, Tensor]:
         """The remainder's enclosure as midpoint and radius."""

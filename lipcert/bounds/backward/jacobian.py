@@ -24,10 +24,32 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.fx.node import map_arg
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 REL = 1e-9
+# Runtime checks of an exported program (dtype and shape asserts): no value, and a float64
+# evaluation would fail their dtype checks, so the evaluators here skip them.
+RUNTIME_CHECKS = (
+    torch.ops.aten._assert_tensor_metadata, torch.ops.aten._assert_scalar,
+    torch.ops.aten.sym_constrain_range_for_size, torch.ops.aten._assert_async,
+    torch.ops.aten.sym_constrain_range,
+)
+
+
+def is_runtime_check(target: Any) -> bool:
+    return getattr(target, "overloadpacket", target) in RUNTIME_CHECKS
+
+
+def evaluable(target: Any) -> Any:
+    """The op to evaluate for ``target`` here: attention written out (the fused CPU kernel
+    has no forward-mode derivative), and view as reshape (the written-out attention's
+    output strides differ from the fused kernel's, which a later view may rely on)."""
+    if target is SDPA:
+        return attention_parts_exact
+    if target is torch.ops.aten.view.default:
+        return torch.ops.aten.reshape.default
+    return target
 
 
 def attention_parts_exact(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
@@ -50,6 +72,13 @@ def attention_parts_exact(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
     return p @ v, s, p
 
 
+def as_f64(tree: Any) -> Any:
+    """Every floating tensor in ``tree`` as float64: constants the program creates itself
+    (an empty cache, a float32 buffer) meet float64 values in ops such as cat."""
+    return tree_map(lambda t: t.to(torch.float64) if isinstance(t, Tensor)
+                    and t.is_floating_point() and t.dtype != torch.float64 else t, tree)
+
+
 def _values(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor
             ) -> list[Tensor]:
     """Every node's tensor value at x (to size the chunks)."""
@@ -58,11 +87,12 @@ def _values(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: T
     for node in graph.nodes:
         if node.op == "placeholder":
             vals[node.name] = x if node.name == input_name else consts[node.name]
+        elif node.op == "call_function" and is_runtime_check(node.target):
+            vals[node.name] = None
         elif node.op == "call_function":
-            args = map_arg(node.args, lambda a: vals[a.name])
-            kwargs = map_arg(dict(node.kwargs), lambda a: vals[a.name])
-            target = attention_parts_exact if node.target is SDPA else node.target
-            res = target(*args, **kwargs)
+            args, kwargs = as_f64((map_arg(node.args, lambda a: vals[a.name]),
+                                   map_arg(dict(node.kwargs), lambda a: vals[a.name])))
+            res = evaluable(node.target)(*args, **kwargs)
             vals[node.name] = res[0] if node.target is SDPA else res
             out += [t for t in tree_flatten(res)[0] if isinstance(t, Tensor)]
     return out
@@ -128,8 +158,11 @@ def _run(nodes: list[torch.fx.Node], consts: dict[str, Any], input_name: str, x:
 
 def _apply(node: torch.fx.Node, vals: dict[str, Any], tans: dict[str, Any],
            record: Callable[[str, Tensor], None]) -> None:
-    args = map_arg(node.args, lambda a: vals[a.name])
-    kwargs = map_arg(dict(node.kwargs), lambda a: vals[a.name])
+    if is_runtime_check(node.target):
+        vals[node.name] = None
+        return
+    args, kwargs = as_f64((map_arg(node.args, lambda a: vals[a.name]),
+                           map_arg(dict(node.kwargs), lambda a: vals[a.name])))
     if node.target is operator.getitem and isinstance(args[0], list | tuple):
         vals[node.name] = args[0][args[1]]
         parent = tans.get(node.args[0].name)
@@ -141,7 +174,7 @@ def _apply(node: torch.fx.Node, vals: dict[str, Any], tans: dict[str, Any],
     flat_vals = tree_flatten((args, kwargs))[0]
     live = [i for i, a in enumerate(flat_nodes)
             if isinstance(a, torch.fx.Node) and tans.get(a.name) is not None]
-    target = attention_parts_exact if node.target is SDPA else node.target
+    target = evaluable(node.target)
     plain = target(*args, **kwargs)
     floating = [t for t in tree_flatten(plain)[0] if isinstance(t, Tensor)]
     if not live or not floating or not all(t.is_floating_point() for t in floating):
@@ -176,3 +209,72 @@ def _apply(node: torch.fx.Node, vals: dict[str, Any], tans: dict[str, Any],
         for j, tj in enumerate(tan):
             if isinstance(tj, Tensor):
                 record(f"{node.name}[{j}]", tj)
+
+
+def centre_values(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor
+                  ) -> dict[str, Any]:
+    """Every node's value at the centre ``x`` (float64), attention outputs only."""
+    vals: dict[str, Any] = {}
+    with torch.no_grad():
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                vals[node.name] = x if node.name == input_name else consts[node.name]
+            elif node.op == "call_function" and is_runtime_check(node.target):
+                vals[node.name] = None
+            elif node.op == "call_function":
+                args, kwargs = as_f64((map_arg(node.args, lambda a: vals[a.name]),
+                                       map_arg(dict(node.kwargs), lambda a: vals[a.name])))
+                out = evaluable(node.target)(*args, **kwargs)
+                vals[node.name] = out[0] if node.target is SDPA else out
+    return vals
+
+
+def row_gains(graph: torch.fx.Graph, vals: dict[str, Any], source: str, targets: set[str],
+              budget: int = 2**23) -> dict[str, Tensor]:
+    """``{target: G}`` with G[t, s, ...] = ‖∂y_e/∂(row t of the source)‖₂ at the centre, for
+    every element e of sample s of each target node y after ``source`` (a row: the last
+    dimension; the source's dim 0 is the batch and samples never mix). Forward mode from the
+    source, one pass per chunk of its per-sample coordinates (``vals``: centre values from
+    :func:`centre_values`); rounded up like :func:`centre_jacobian_norms`."""
+    out = vals[source]
+    n, width = out.shape[0], out.shape[-1]
+    per = out[0].numel()
+    nodes = list(graph.nodes)
+    start_at = next(i for i, nd in enumerate(nodes) if nd.name == source) + 1
+    stop_at = max((i for i, nd in enumerate(nodes) if nd.name in targets), default=-1) + 1
+    nodes = nodes[:stop_at]  # nothing after the last target is needed
+    later = [nd for nd in nodes[start_at:] if nd.op == "call_function"]
+    sizes = [t.numel() for nd in later for t in tree_flatten(vals[nd.name])[0]
+             if isinstance(t, Tensor)]
+    chunk = max(1, min(per, budget // max(max(sizes, default=1), 1)))
+    sq: dict[str, Tensor] = {}
+    rows: Tensor = torch.zeros(0, dtype=torch.long)
+
+    def record(name: str, tangent: Tensor) -> None:
+        if name in targets:
+            if name not in sq:
+                sq[name] = torch.zeros(per // width, *tangent.shape[1:], dtype=torch.float64)
+            sq[name].index_add_(0, rows, tangent.square())
+
+    last = _last_uses(graph)
+    with torch.no_grad():
+        for first in range(0, per, chunk):
+            idx = torch.arange(first, min(per, first + chunk))
+            rows = idx // width
+            t = torch.zeros(len(idx), n, per, dtype=torch.float64)
+            t[torch.arange(len(idx)), :, idx] = 1.0
+            tans: dict[str, Any] = {source: t.reshape(len(idx), *out.shape)}
+            local = dict(vals)
+            for i, node in enumerate(nodes[start_at:], start=start_at):
+                if node.op == "call_function" and any(
+                        tans.get(a.name) is not None for a in node.all_input_nodes):
+                    _apply(node, local, tans, record)
+                for a in node.all_input_nodes:
+                    if last.get(a.name) == i:
+                        tans.pop(a.name, None)
+    result = {}
+    for name, s in sq.items():
+        norm = s.sqrt()
+        top = float(norm.max()) if norm.numel() else 0.0
+        result[name] = norm * (1 + REL) + 1e-12 * top + 1e-300
+    return result

@@ -202,7 +202,7 @@ def scaled_e(x: Box, c: Tensor, value: Tensor) -> tuple[Tensor | None, Tensor | 
 def product_box(a: Box, b: Box) -> Box:
     """a ⊙ b of two activations: the natural interval product, intersected with the centre
     form |Δ(ab)| ≤ ρ_a|b₀| + |a₀|ρ_b + ρ_aρ_b. Remainder: ab − a₀b₀ − (b₀A_a + a₀A_b)δ =
-    a₀e_b + b₀e_a + ΔaΔb."""
+    a₀e_b + b₀e_a + ΔaΔb, of which ΔaΔb is the op's own."""
     value = a.value * b.value
     cands = torch.stack([a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi])
     da, db = a.deviation(), b.deviation()
@@ -210,13 +210,14 @@ def product_box(a: Box, b: Box) -> Box:
     lo = torch.maximum(cands.amin(0), value - dev)
     hi = torch.minimum(cands.amax(0), value + dev)
     pad = 4 * U * (torch.maximum(lo.abs(), hi.abs()) + dev) + 1e-300
-    e_lo = e_hi = None
+    e_lo = e_hi = own_lo = own_hi = None
     if a.has_e and b.has_e:
         p_lo, p_hi = iv_times(*a.delta(), *b.delta())
         x_lo, x_hi = iv_times(a.value, a.value, b.e_lo, b.e_hi)
         y_lo, y_hi = iv_times(b.value, b.value, a.e_lo, a.e_hi)
         e_lo, e_hi = p_lo + x_lo + y_lo - pad, p_hi + x_hi + y_hi + pad
-    return Box(value, lo - pad, hi + pad, None, None, e_lo, e_hi)
+        own_lo, own_hi = p_lo - pad, p_hi + pad
+    return Box(value, lo - pad, hi + pad, None, None, e_lo, e_hi, None, own_lo, own_hi)
 
 
 @forward_rule(aten.add)

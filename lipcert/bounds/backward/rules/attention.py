@@ -167,7 +167,7 @@ def sdpa(ctx: BackCtx, g: Grad, q: Any, k: Any, v: Any, attn_mask: Any = None,
         raise LipcertError("attention dropout in training mode: use model.eval()")
     if enable_gqa and q.shape[-3] != k.shape[-3]:
         raise LipcertError("grouped-query attention has no rule yet")
-    c, p0, p_lo, p_hi, _, _ = attention_parts(q, k, attn_mask, is_causal, scale)
+    c, p0, p_lo, p_hi, _, _, _ = attention_parts(q, k, attn_mask, is_causal, scale)
     aux = ctx.out.aux if isinstance(ctx.out, Box) else None
     if aux is not None:
         p_lo = torch.maximum(p_lo, aux["p_lo"])
@@ -222,6 +222,14 @@ def softmax_remainder(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi
     return torch.where(live, jc - rad, zero), torch.where(live, jc + rad, zero)
 
 
+def softmax_own(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi: Tensor
+                ) -> tuple[Tensor, Tensor]:
+    """The op's own remainder of softmax, R = p − p⁰ − J₀Δs: :func:`softmax_remainder`
+    with e_s = 0."""
+    zero = torch.zeros_like(p0)
+    return softmax_remainder(p0, p_lo, p_hi, d_lo, d_hi, zero, zero)
+
+
 def _first_order(ctx: FwdCtx, name: str) -> Tensor | None:
     return ctx.first_order.get(name) if ctx.first_order is not None else None
 
@@ -244,27 +252,30 @@ def softmax_forward(ctx: FwdCtx, x: Box, dim: int, *args: Any) -> Box:
         return t.transpose(d, last)
 
     p0, p_lo, p_hi = softmax_box(mv(x.value), mv(x.lo), mv(x.hi))
-    e_lo = e_hi = None
+    e_lo = e_hi = own_lo = own_hi = None
     if x.has_e:
-        e_lo, e_hi = softmax_remainder(p0, p_lo, p_hi, mv(x.lo - x.value), mv(x.hi - x.value),
-                                       mv(x.e_lo), mv(x.e_hi))
+        d_lo, d_hi = mv(x.lo - x.value), mv(x.hi - x.value)
+        e_lo, e_hi = softmax_remainder(p0, p_lo, p_hi, d_lo, d_hi, mv(x.e_lo), mv(x.e_hi))
         e_lo, e_hi = mv(e_lo), mv(e_hi)
-    return Box(mv(p0), mv(p_lo), mv(p_hi), None, None, e_lo, e_hi)
+        own_lo, own_hi = (mv(t) for t in softmax_own(p0, p_lo, p_hi, d_lo, d_hi))
+    return Box(mv(p0), mv(p_lo), mv(p_hi), None, None, e_lo, e_hi, None, own_lo, own_hi)
 
 
 def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: float | None,
                     ctx: FwdCtx | None = None, name: str | None = None
-                    ) -> tuple[float, Tensor, Tensor, Tensor, Tensor | None, Any]:
-    """(c, p⁰, p_lo, p_hi, keep, e_P) of an attention call: the score enclosure, masked,
-    through :func:`softmax_box`. With a forward context and Taylor remainders of Q and K,
-    the scores' remainder e_S = c(e_Q K₀ᵀ + Q₀e_Kᵀ + ΔQΔKᵀ) and the first-order parts of
-    the scores and probabilities (``<name>.scores``, ``<name>.probs``) tighten both
-    enclosures, and e_P (else None) is :func:`softmax_remainder`."""
+                    ) -> tuple[float, Tensor, Tensor, Tensor, Tensor | None, Any, Any]:
+    """(c, p⁰, p_lo, p_hi, keep, e_P, own_P) of an attention call: the score enclosure,
+    masked, through :func:`softmax_box`. With a forward context and Taylor remainders of Q
+    and K, the scores' remainder e_S = c(e_Q K₀ᵀ + Q₀e_Kᵀ + ΔQΔKᵀ) and the first-order parts
+    of the scores and probabilities (``<name>.scores``, ``<name>.probs``) tighten both
+    enclosures, e_P is :func:`softmax_remainder` and own_P the same for the scores' own
+    term cΔQΔKᵀ alone (P's remainder as a function of Q and K at the centre); both None
+    without Taylor remainders."""
     L, E = q.shape[-2], q.shape[-1]
     S = k.shape[-2]
     c = float(scale) if scale is not None else 1.0 / math.sqrt(E)
     s0, s_lo, s_hi = score_box(q, k, c)
-    es = _score_remainder(q, k, c, s0) if ctx is not None else None
+    es, es_own = _score_remainder(q, k, c, s0) if ctx is not None else (None, None)
     keep = None
     if attn_mask is not None:
         if isinstance(attn_mask, Box):
@@ -275,25 +286,30 @@ def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: floa
             add = attn_mask.to(F64)
             slack = gamma(2) * (s0.abs() + add.abs())
             s0, s_lo, s_hi = s0 + add, s_lo + add - slack, s_hi + add + slack
-            if es is not None:
+            if es is not None and es_own is not None:
                 es = (es[0] - slack, es[1] + slack)
+                es_own = (es_own[0] - slack, es_own[1] + slack)
     if is_causal:
         keep = torch.ones(L, S, dtype=torch.bool).tril()
-    e_p = None
+    e_p = own_p = None
     if es is not None and ctx is not None and name is not None:
         s_lo, s_hi = _tighten(s0, s_lo, s_hi, _first_order(ctx, f"{name}.scores"), *es)
     p0, p_lo, p_hi = softmax_box(s0, s_lo, s_hi, keep)
-    if es is not None and ctx is not None and name is not None:
+    if es is not None and es_own is not None and ctx is not None and name is not None:
         e_p = softmax_remainder(p0, p_lo, p_hi, s_lo - s0, s_hi - s0, *es)
         p_lo, p_hi = _tighten(p0, p_lo, p_hi, _first_order(ctx, f"{name}.probs"), *e_p)
         p_lo, p_hi = p_lo.clamp(min=0), torch.minimum(p_hi, torch.ones((), dtype=F64))
-    return c, p0, p_lo, p_hi, keep, e_p
+        own_p = softmax_remainder(p0, p_lo, p_hi, s_lo - s0, s_hi - s0, *es_own)
+    return c, p0, p_lo, p_hi, keep, e_p, own_p
 
 
-def _score_remainder(q: Any, k: Any, c: float, s0: Tensor) -> tuple[Tensor, Tensor] | None:
-    """e_S = c(e_Q K₀ᵀ + Q₀e_Kᵀ + ΔQΔKᵀ) (a constant operand has no remainder)."""
+def _score_remainder(q: Any, k: Any, c: float, s0: Tensor
+                     ) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
+    """e_S = c(e_Q K₀ᵀ + Q₀e_Kᵀ + ΔQΔKᵀ) (a constant operand has no remainder), and the
+    scores' own term cΔQΔKᵀ (0 if either operand is constant); (None, None) if an operand's
+    remainder is not tracked."""
     if (isinstance(q, Box) and not q.has_e) or (isinstance(k, Box) and not k.has_e):
-        return None
+        return None, None
     q0, k0 = _around_centre(q)[0], _around_centre(k)[0]
     e = q0.shape[-1]
     terms = []
@@ -301,11 +317,15 @@ def _score_remainder(q: Any, k: Any, c: float, s0: Tensor) -> tuple[Tensor, Tens
         terms.append(iv_matmul((q0, None), _bt_pair(k.e_mid_rad())))
     if isinstance(q, Box):
         terms.append(iv_matmul(q.e_mid_rad(), (_bt(k0), None)))
+    own_c, own_r = torch.zeros_like(s0), torch.zeros_like(s0)
     if isinstance(q, Box) and isinstance(k, Box):
-        terms.append(iv_matmul(mid_rad(*q.delta()), _bt_pair(mid_rad(*k.delta()))))
+        own_c, own_r = iv_matmul(mid_rad(*q.delta()), _bt_pair(mid_rad(*k.delta())))
+        terms.append((own_c, own_r))
+    slack = 2 * gamma(e + 4) * s0.abs() + TINY
     ctr = c * sum(t[0] for t in terms)
-    rad = c * sum(t[1] for t in terms) + 2 * gamma(e + 4) * s0.abs() + TINY
-    return ctr - rad, ctr + rad
+    rad = c * sum(t[1] for t in terms) + slack
+    own_c, own_r = c * own_c, c * own_r + slack
+    return (ctr - rad, ctr + rad), (own_c - own_r, own_c + own_r)
 
 
 def _bt_pair(p: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -321,13 +341,16 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
     V's interval), intersected with the hull of the (kept) value rows. The same split gives
     ‖ΔY_i‖ ≤ Σ_j |ΔP_ij|·‖v_j − w‖ + Σ_j P⁰_ij·‖Δv_j‖ per row. Remainder:
     e_Y = P⁰e_V + e_P(V₀ − w) + ΔP(ΔV − c), since the rows of e_P and of ΔP sum to 0 (so any
-    constant rows w, c may be subtracted)."""
+    constant rows w, c may be subtracted). The op's own remainder (Y's remainder as a
+    function of Q, K, V at the centre) is the same with e_Q = e_K = e_V = 0:
+    own_P(V₀ − w) + ΔP(ΔV − c)."""
     if dropout_p:
         raise LipcertError("attention dropout in training mode: use model.eval()")
     if enable_gqa and q.shape[-3] != k.shape[-3]:
         raise LipcertError("grouped-query attention has no rule yet")
     name = getattr(ctx.node, "name", None)
-    _, p0, p_lo, p_hi, keep, e_p = attention_parts(q, k, attn_mask, is_causal, scale, ctx, name)
+    _, p0, p_lo, p_hi, keep, e_p, own_p = attention_parts(q, k, attn_mask, is_causal, scale,
+                                                          ctx, name)
     v0, dv = _around_centre(v)
     v_lo, v_hi = (v.lo, v.hi) if isinstance(v, Box) else (v0, v0)
     w = v0.mean(-2, keepdim=True)
@@ -349,17 +372,24 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
     pad = 2 * gamma(S + 4) * torch.maximum(lo.abs(), hi.abs())
     rv = v.row_dev() if isinstance(v, Box) else torch.zeros(v0.shape[:-1], dtype=F64)
     rdev = (dp @ row_norm(spread).unsqueeze(-1) + p0 @ rv.unsqueeze(-1)).squeeze(-1)
-    e_lo = e_hi = None
-    if e_p is not None and (not isinstance(v, Box) or v.has_e):
+    e_lo = e_hi = own_lo = own_hi = None
+    if e_p is not None and own_p is not None and (not isinstance(v, Box) or v.has_e):
+        slack = err + 2 * U * (v0.abs() + w.abs()).amax(-2, keepdim=True)
+        own = [iv_matmul(mid_rad(*own_p), (v0 - w, None))]
         terms = [iv_matmul(mid_rad(*e_p), (v0 - w, None))]
         if isinstance(v, Box):
             terms.append(iv_matmul((p0, None), v.e_mid_rad()))
             dv_c, dv_r = mid_rad(*v.delta())
             shift = dv_c.mean(-2, keepdim=True)
-            terms.append(iv_matmul(mid_rad(p_lo - p0, p_hi - p0),
-                                (dv_c - shift, dv_r + 2 * U * (dv_c.abs() + shift.abs()))))
+            both = iv_matmul(mid_rad(p_lo - p0, p_hi - p0),
+                             (dv_c - shift, dv_r + 2 * U * (dv_c.abs() + shift.abs())))
+            terms.append(both)
+            own.append(both)
         ctr = sum(t[0] for t in terms)
-        rad = sum(t[1] for t in terms) + err + 2 * U * (v0.abs() + w.abs()).amax(-2, keepdim=True)
+        rad = sum(t[1] for t in terms) + slack
         e_lo, e_hi = ctr - rad, ctr + rad
+        ctr = sum(t[0] for t in own)
+        rad = sum(t[1] for t in own) + slack
+        own_lo, own_hi = ctr - rad, ctr + rad
     return Box(value, lo - pad, hi + pad, None, rdev * (1 + 2 * gamma(S + 4)), e_lo, e_hi,
-               {"p0": p0, "p_lo": p_lo, "p_hi": p_hi})
+               {"p0": p0, "p_lo": p_lo, "p_hi": p_hi}, own_lo, own_hi)

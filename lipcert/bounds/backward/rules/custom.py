@@ -133,22 +133,24 @@ def token_ball_forward(ctx: FwdCtx, x: Box, radius: float) -> Box:
     lo = torch.maximum(lo, value - dev)
     hi = torch.minimum(hi, value + dev)
     pad = 4 * gamma(x.shape[-1] + 2) * (value.abs() + dev) + TINY
-    e_lo = e_hi = None
+    e_lo = e_hi = own_lo = own_hi = None
     if x.has_e:
-        e_lo, e_hi = _ball_remainder(x, rho, n0, big_d, n_lo, n_hi)
+        (e_lo, e_hi), own = _ball_remainder(x, rho, n0, big_d, n_lo, n_hi)
         e_lo, e_hi = e_lo - pad, e_hi + pad
-    return Box(value, lo - pad, hi + pad, x.l2, x.row_dev(), e_lo, e_hi)
+        own_lo, own_hi = -own - pad, own + pad
+    return Box(value, lo - pad, hi + pad, x.l2, x.row_dev(), e_lo, e_hi, None, own_lo, own_hi)
 
 
 def _ball_remainder(x: Box, rho: float, n0: Tensor, big_d: Tensor, n_lo: Tensor, n_hi: Tensor
-                    ) -> tuple[Tensor, Tensor]:
+                    ) -> tuple[tuple[Tensor, Tensor], Tensor]:
     """Taylor remainder of the projection: e_y = J₀e_x + R, R = (J(ξ) − J₀)Δx
     componentwise, J₀ the Jacobian at the centre (I inside, f₀(I − x̂₀x̂₀ᵀ) with
     f₀ = ρ/‖x₀‖ when ‖x₀‖ ≥ ρ, as automatic differentiation takes it). Outside the ball,
     (J − J₀)Δx = (f − f₀)Δx − (f·x̂⟨x̂, Δx⟩ − f₀·x̂₀⟨x̂₀, Δx⟩), bounded with
     |x̂_ix̂_j − x̂₀_ix̂₀_j| ≤ δ_i|x̂_j| + |x̂₀_i|δ_j (δ the enclosure's distance from x̂₀);
     against the other branch, |I − J_out| ≤ (1 − f)·I + f|x̂||x̂|ᵀ. Rows whose set meets the
-    sphere take the larger of both bounds; rows inside for sure have R = 0 and e_y = e_x."""
+    sphere take the larger of both bounds; rows inside for sure have R = 0 and e_y = e_x.
+    Returns the enclosure of e_y and the bound of the op's own remainder |R|."""
     dx = x.deviation()
     outside0 = n0 >= rho
     f0 = torch.where(outside0, rho / n0.clamp(min=1e-300), torch.ones_like(n0))
@@ -179,7 +181,7 @@ def _ball_remainder(x: Box, rho: float, n0: Tensor, big_d: Tensor, n_lo: Tensor,
     jc = torch.where(outside0, f0 * (ec - z0 * dot(z0, ec)), ec)
     jr = torch.where(outside0, f0 * (er + z0.abs() * dot(z0.abs(), er)), er)
     rad = jr + r * (1 + gamma(k + 8)) + gamma(k + 8) * (jc.abs() + jr)
-    return jc - rad, jc + rad
+    return (jc - rad, jc + rad), r * (1 + gamma(k + 8))
 
 
 @forward_rule(torch.ops.lipcert.group_sort2)
@@ -191,17 +193,19 @@ def group_sort2_forward(ctx: FwdCtx, x: Box) -> Box:
     value = torch.stack([v.amin(-1), v.amax(-1)], dim=-1).flatten(-2)
     new_lo = torch.stack([lo.amin(-1), lo.amax(-1)], dim=-1).flatten(-2)
     new_hi = torch.stack([hi.amin(-1), hi.amax(-1)], dim=-1).flatten(-2)
-    e_lo = e_hi = None
+    e_lo = e_hi = own_lo = own_hi = None
     if x.has_e:
-        e_lo, e_hi = _sort_remainder(x)
-    return Box(value, new_lo, new_hi, x.l2, x.row_dev(), e_lo, e_hi)
+        (e_lo, e_hi), own = _sort_remainder(x)
+        own_lo, own_hi = -own, own
+    return Box(value, new_lo, new_hi, x.l2, x.row_dev(), e_lo, e_hi, None, own_lo, own_hi)
 
 
-def _sort_remainder(x: Box) -> tuple[Tensor, Tensor]:
+def _sort_remainder(x: Box) -> tuple[tuple[Tensor, Tensor], Tensor]:
     """Taylor remainder of sorting pairs. Automatic differentiation takes min(a, b) with
     weights (c_a, c_b) = (1, 0), (0, 1) or (½, ½) at a tie (and max the other way), so
     e_min = c_a e_a + c_b e_b + R with R = min(a, b) − min(a₀, b₀) − c_aΔa − c_bΔb: 0 when the
-    pair's order cannot change, else |R| ≤ 2·max(|Δa|, |Δb|)."""
+    pair's order cannot change, else |R| ≤ 2·max(|Δa|, |Δb|). Returns the enclosure of e and
+    the bound of the op's own remainder |R| (per element of the output)."""
     v = x.value.unflatten(-1, (-1, 2))
     a0, b0 = v[..., 0], v[..., 1]
     lo, hi = x.lo.unflatten(-1, (-1, 2)), x.hi.unflatten(-1, (-1, 2))
@@ -219,4 +223,5 @@ def _sort_remainder(x: Box) -> tuple[Tensor, Tensor]:
     pad = 4 * U * (el.abs().amax(-1) + eh.abs().amax(-1)) + TINY + r
     e_lo = torch.stack([min_lo - pad, max_lo - pad], dim=-1).flatten(-2)
     e_hi = torch.stack([min_hi + pad, max_hi + pad], dim=-1).flatten(-2)
-    return e_lo, e_hi
+    own = (r + TINY).unsqueeze(-1).expand(*r.shape, 2).flatten(-2)
+    return (e_lo, e_hi), own

@@ -166,7 +166,8 @@ def product_forward(a: Box | Tensor, b: Box | Tensor) -> Box:
     """A @ B with at least one factor an activation: the centre product, and around it
     |ΔY| ≤ |ΔA|·|B₀| + |A₀|·|ΔB| + |ΔA|·|ΔB| (ΔA = 0 for a constant), intersected with the
     midpoint–radius product; rounding 2·γ_{k+4} of the magnitudes. Remainder:
-    e_Y = A₀·e_B + e_A·B₀ + ΔA·ΔB (enclosures multiplied in midpoint–radius form)."""
+    e_Y = A₀·e_B + e_A·B₀ + ΔA·ΔB (enclosures multiplied in midpoint–radius form); the op's
+    own remainder is ΔA·ΔB (two activations; a product with a constant is affine)."""
     a0, da = (a.value, a.deviation()) if isinstance(a, Box) else (a, torch.zeros_like(a))
     b0, db = (b.value, b.deviation()) if isinstance(b, Box) else (b, torch.zeros_like(b))
     k = a0.shape[-1]
@@ -176,7 +177,7 @@ def product_forward(a: Box | Tensor, b: Box | Tensor) -> Box:
     lo, hi = value - dev - err, value + dev + err
     mc, mr = iv_matmul(a.mid_rad() if isinstance(a, Box) else (a, None),
                        b.mid_rad() if isinstance(b, Box) else (b, None))
-    e_lo = e_hi = None
+    e_lo = e_hi = own_lo = own_hi = None
     ea = a.e_mid_rad() if isinstance(a, Box) and a.has_e else None
     eb = b.e_mid_rad() if isinstance(b, Box) and b.has_e else None
     if (ea is not None or not isinstance(a, Box)) and (eb is not None or not isinstance(b, Box)):
@@ -186,12 +187,14 @@ def product_forward(a: Box | Tensor, b: Box | Tensor) -> Box:
         if ea is not None:
             terms.append(iv_matmul(ea, (b0, None)))
         if isinstance(a, Box) and isinstance(b, Box):
-            terms.append(iv_matmul(mid_rad(*a.delta()), mid_rad(*b.delta())))
+            own_c, own_r = iv_matmul(mid_rad(*a.delta()), mid_rad(*b.delta()))
+            own_lo, own_hi = own_c - own_r - err, own_c + own_r + err
+            terms.append((own_c, own_r))
         c = sum(t[0] for t in terms)
         r = sum(t[1] for t in terms) + err
         e_lo, e_hi = c - r, c + r
     return Box(value, torch.maximum(lo, mc - mr), torch.minimum(hi, mc + mr),
-               None, None, e_lo, e_hi)
+               None, None, e_lo, e_hi, None, own_lo, own_hi)
 
 
 def _matmul_forward(a: Any, b: Any) -> Box:
@@ -222,7 +225,8 @@ def _box_map(x: Box, fn: Any) -> Box:
     """A Box with every elementwise part moved by ``fn`` (row deviations dropped)."""
     e_lo = fn(x.e_lo) if x.e_lo is not None else None
     e_hi = fn(x.e_hi) if x.e_hi is not None else None
-    return Box(fn(x.value), fn(x.lo), fn(x.hi), None, None, e_lo, e_hi)
+    own = (fn(x.own_lo), fn(x.own_hi)) if x.has_own else (None, None)
+    return Box(fn(x.value), fn(x.lo), fn(x.hi), None, None, e_lo, e_hi, None, *own)
 
 
 @forward_rule(aten.linear)

@@ -199,21 +199,24 @@ def norm_forward(x: Box, k: int, weight: Any, bias: Any, eps: float, centred: bo
     s0 = torch.sqrt(v.square().mean(-1, keepdim=True) + eps)
     z0 = v / s0
     value = (z0 * g + b).reshape(x.shape)
-    rdev = e_lo = e_hi = None
+    rdev = e_lo = e_hi = own_lo = own_hi = None
     if k == 1 and x.dim() >= 1:
         gmax = float(g.abs().max()) * (1 + 1e-15)
         rdev = x.row_dev() * gmax / s_lo.reshape(x.shape[:-1])
     if x.has_e:
-        e_lo, e_hi = _norm_remainder(x, d, centred, s_lo, s_hi, s0, z0, zc, zr, g)
+        (e_lo, e_hi), own = _norm_remainder(x, d, centred, s_lo, s_hi, s0, z0, zc, zr, g)
         slack = gamma(d + 8) * (value.abs() + 1).reshape(-1, d) * (1 + g.abs())
         e_lo = (e_lo - slack).reshape(x.shape)
         e_hi = (e_hi + slack).reshape(x.shape)
-    return Box(value, lo, hi, None, rdev, e_lo, e_hi)
+        own_lo, own_hi = (-own - slack).reshape(x.shape), (own + slack).reshape(x.shape)
+    return Box(value, lo, hi, None, rdev, e_lo, e_hi, None, own_lo, own_hi)
 
 
 def _norm_remainder(x: Box, d: int, centred: bool, s_lo: Tensor, s_hi: Tensor, s0: Tensor,
-                    z0: Tensor, zc: Tensor, zr: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """γ ⊙ (J₀e_x + R) as an interval (see :func:`norm_forward`), shape (rows, d)."""
+                    z0: Tensor, zc: Tensor, zr: Tensor, g: Tensor
+                    ) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """γ ⊙ (J₀e_x + R) as an interval (see :func:`norm_forward`), shape (rows, d), and the
+    bound of the op's own remainder |γ ⊙ R|."""
     ec, er = x.e_mid_rad()
     ec, er = ec.reshape(-1, d), er.reshape(-1, d)
     inv0 = 1.0 / s0
@@ -238,7 +241,8 @@ def _norm_remainder(x: Box, d: int, centred: bool, s_lo: Tensor, s_hi: Tensor, s
     c = j_c * g
     rad = (j_r + r) * g.abs()
     rad = rad + gamma(d + 8) * (c.abs() + rad)
-    return c - rad, c + rad
+    own = r * g.abs() * (1 + gamma(2))
+    return (c - rad, c + rad), own
 
 
 @forward_rule(aten.layer_norm)

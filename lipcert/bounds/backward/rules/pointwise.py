@@ -19,8 +19,8 @@ Forward: the image of [lo, hi] (monotone pieces), the centre value f(x₀), row 
 scaled by the largest |f′| of the row, and the Taylor remainder
 e_y = f′(x₀)·e_x + R with R = f(x) − f(x₀) − f′(x₀)(x − x₀) = (x − x₀)·(S − f′(x₀)), S the
 secant slope, which lies in the derivative's enclosure over [lo, hi] (mean value theorem;
-Clarke's for the kinks); f′(x₀) is the derivative automatic differentiation uses, so the
-first-order parts agree.
+Clarke's for the kinks): the op's own remainder; f′(x₀) is the derivative automatic
+differentiation uses, so the first-order parts agree.
 """
 
 from __future__ import annotations
@@ -288,14 +288,16 @@ def pointwise_forward(ctx: FwdCtx, x: Box, *args: Any, **kwargs: Any) -> Box:
     rdev = x.row_dev() * steep.amax(-1) if x.dim() >= 1 else None
     l2 = x.l2 * steep.flatten(1).amax(1) if x.l2 is not None and x.dim() >= 2 else None
     e_lo = e_hi = None
+    own: tuple[Tensor | None, Tensor | None] = (None, None)
     if x.has_e:
         p0 = fn.prime0(x.value)
         lin_lo, lin_hi = _times(p0, x.e_lo, x.e_hi)
         r_lo, r_hi = iv_times(*x.delta(), d_lo - p0, d_hi - p0)
         e_pad = pad + 4 * U * (lin_hi.abs() + lin_lo.abs() + r_hi.abs() + r_lo.abs())
         e_lo, e_hi = lin_lo + r_lo - e_pad, lin_hi + r_hi + e_pad
+        own = (r_lo - e_pad, r_hi + e_pad)
     return Box(value, torch.minimum(lo - pad, value), torch.maximum(hi + pad, value), l2, rdev,
-               e_lo, e_hi)
+               e_lo, e_hi, None, *own)
 
 
 def _times(c: Tensor, lo: Tensor, hi: Tensor) -> Pair:

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lipcert.bounds.backward.interval import TINY, Box, Grad
+from lipcert.bounds.backward.jacobian import evaluable
 from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
 from lipcert.bounds.state import gamma
 from lipcert.errors import LipcertError
@@ -91,7 +92,7 @@ def move(ctx: BackCtx, g: Any, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
     dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
     if dtype is not None and not dtype.is_floating_point:
         raise LipcertError(f"{ctx.target}: a conversion to {dtype} has no gradient")
-    return vjp_nonneg(g, args, kwargs, ctx.target, sums=False)
+    return vjp_nonneg(g, args, kwargs, evaluable(ctx.target), sums=False)
 
 
 @backward_rule(*_SUMS)
@@ -196,7 +197,7 @@ def apply_to_box(ctx: FwdCtx, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     dropped, since a fill is not 0). A per-sample deviation carries over when
     :func:`keeps_batch` says so; a row's deviation is at most the ℓ2 sum of the deviations of
     the distinct rows it draws elements from (:func:`row_sources`, cached per node)."""
-    target = ctx.target
+    target = evaluable(ctx.target)  # view as reshape: the parts' strides are our own
     value = _apply_parts(target, args, kwargs, "value")
     lo = _apply_parts(target, args, kwargs, "lo")
     hi = _apply_parts(target, args, kwargs, "hi")

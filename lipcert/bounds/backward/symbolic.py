@@ -1,0 +1,265 @@
+"""Symbolic remainders: the Taylor models' second-order terms carried through the graph
+without wrapping (derivations: docs/local-margin.md, "Symbolic remainders").
+
+Every forward rule computes a node's remainder as e_y = J₀·e_x + R_y, J₀ the op's Jacobian
+at the centre and R_y ("own", ``Box.own_lo/own_hi``) the op's own second-order term, which
+is 0 for an affine op. Unrolled over the graph (linearised at the centre, so every
+coefficient is an exact centre Jacobian),
+
+    e_y = Σ_k M_{y←k}·R_k,   M_{y←k} = ∂y/∂(output of k) at the centre,
+
+the sum over the non-affine ops k before y (and y itself). Interval arithmetic evaluates
+the same sum through |J₀| op by op, and on a trained transformer that wrapping grows an
+enclosure by a factor 3 to 20 per matrix; here each R_k is taken in absolute value once.
+
+* Intervals. For the inputs of the non-affine ops ("targets"), Cauchy–Schwarz per row
+  (the last dimension) of R_k gives |(M_{y←k}R_k)_e| ≤ Σ_t ‖∂y_e/∂(row t of k)‖₂·‖R_k,t‖₂.
+  The gains ‖∂y_e/∂(row t)‖₂ depend on the centre only (``jacobian.row_gains``, once per
+  batch); the walk intersects each target's remainder with ±Σ (plus its own term), which
+  narrows the intervals every later R_k is computed from.
+* Margins. With g_k = ∂m_j/∂(output of k) at the centre (reverse mode, once per batch),
+  m_j(x′) = m_j(x) + ∇m_j(x)·δ + Σ_k g_k·R_k, so
+  m_j(x′) ≥ m_j(x) − r·‖∇m_j(x)‖ + Σ_k Σ_e min(g_k,e·R_lo,e, g_k,e·R_hi,e), with ∇m_j(x)
+  from the same reverse pass (:meth:`input_gradient`; its norm is domain-aware).
+
+Which ops are affine is decided per node (:func:`is_affine`): a node with a remainder and
+no own term must be one of them, else the method is off for that model (never guessed).
+It needs the batch in dim 0 of every non-affine op and target (checked with the bound
+engine's sample ids), and is off where the non-affine ops have more than MAX_COLUMNS
+coordinates per sample together (the gains cost one tangent per coordinate).
+
+Float model: the gains and g_k are float64 evaluations, raised by 1e-9 of themselves and
+1e-12 of the largest entry, as the centre Jacobian norms are (``jacobian.py``); the sums
+below add γ of their length.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx.node import map_arg
+from torch.utils._pytree import tree_flatten
+
+from lipcert.bounds.backward.interval import TINY, Box, Grad
+from lipcert.bounds.backward.jacobian import (
+    SDPA,
+    as_f64,
+    centre_values,
+    evaluable,
+    is_runtime_check,
+    row_gains,
+)
+from lipcert.bounds.state import F64, gamma
+
+aten = torch.ops.aten
+G_REL = 1e-9  # relative padding of the float64 centre gradients
+MAX_COLUMNS = 2**16  # the most per-sample coordinates of all non-affine ops together
+
+_AFFINE = {
+    aten.reshape, aten.view, aten._unsafe_view, aten.view_copy, aten.permute, aten.transpose,
+    aten.t, aten.flatten, aten.unflatten, aten.unsqueeze, aten.squeeze, aten.select,
+    aten.slice, aten.narrow, aten.cat, aten.concat, aten.stack, aten.split,
+    aten.split_with_sizes, aten.chunk, aten.unbind, aten.movedim, aten.flip, aten.roll,
+    aten.tensor_split, aten.hstack, aten.vstack, aten.constant_pad_nd, aten.clone,
+    aten.contiguous, aten.alias, aten.detach, aten._to_copy, aten.to, aten.type_as,
+    aten.alias_copy, aten.detach_copy, aten.lift_fresh_copy, aten.lift_fresh, aten.expand,
+    aten.expand_as, aten.repeat, aten.index_select, aten.index, aten.repeat_interleave,
+    aten.unfold, aten.diagonal, aten.pad, aten.mean, aten.sum, aten.add, aten.sub, aten.rsub,
+    aten.neg, aten.linear, aten.conv1d, aten.conv2d, aten.convolution, aten.dropout,
+    aten.feature_dropout, aten.alpha_dropout,
+}
+# products: affine when at most one operand depends on the input (div: the divisor must not)
+_PRODUCTS = {aten.mul, aten.matmul, aten.mm, aten.bmm, aten.addmm, aten.baddbmm}
+
+
+def _packet(target: Any) -> Any:
+    return getattr(target, "overloadpacket", target)
+
+
+def is_affine(node: torch.fx.Node, env: dict[str, Any]) -> bool:
+    """Whether the node's output is an affine function of its input-dependent arguments
+    (``env``: the forward intervals, where those arguments are Boxes)."""
+    if node.target is operator.getitem:
+        return True
+    packet = _packet(node.target)
+    boxes = [a for a in node.all_input_nodes if _has_box(env.get(a.name))]
+    if packet in _AFFINE:
+        return True
+    if packet in _PRODUCTS:
+        return len(boxes) <= 1
+    if packet is aten.div:
+        divisor = node.args[1] if len(node.args) > 1 else None
+        return not (isinstance(divisor, torch.fx.Node) and _has_box(env.get(divisor.name)))
+    return False
+
+
+def _has_box(x: Any) -> bool:
+    return any(isinstance(leaf, Box) for leaf in tree_flatten(x)[0])
+
+
+def _ancestors(graph: torch.fx.Graph) -> dict[str, set[str]]:
+    """Every node's set of (strict) ancestors."""
+    up: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        up[node.name] = set().union(*({a.name} | up[a.name] for a in node.all_input_nodes))
+    return up
+
+
+def _rows_norm(lo: Tensor, hi: Tensor) -> Tensor:
+    """(rows, n): ‖R_row‖₂ per sample of an own-remainder enclosure [lo, hi] (dim 0 batch,
+    rows along the last dimension), rounded up."""
+    m = torch.maximum(lo.abs(), hi.abs())
+    norms = torch.linalg.vector_norm(m, dim=-1) * (1 + gamma(m.shape[-1] + 2))
+    return norms.reshape(m.shape[0], -1).T
+
+
+class SymbolicRemainders:
+    """Gains and margin gradients for one batch of centres; :meth:`tighten` during the
+    forward walk and :meth:`margin_terms` after it (module docstring)."""
+
+    def __init__(self, graph: torch.fx.Graph, consts: dict[str, Any], input_name: str,
+                 logits_name: str) -> None:
+        self.graph, self.consts = graph, consts
+        self.input_name, self.logits_name = input_name, logits_name
+        self.ready = False
+        self.sources: list[str] = []
+        self.before: dict[str, list[str]] = {}
+        self.gains: dict[tuple[str, str], Tensor] = {}
+        self.grads: dict[str, Tensor] = {}
+        self.input_grad: Tensor | None = None
+
+    def prepare(self, center: Tensor, labels: Tensor | None, env0: dict[str, Any],
+                batch_major: Callable[[str], bool]) -> bool:
+        """Classify the nodes from the forward intervals ``env0`` (any radius), compute the
+        gains and (with ``labels``) the centre gradients of every margin; False (and
+        :meth:`tighten` and :meth:`margin_terms` do nothing) where the model is outside the
+        method."""
+        self.ready = False
+        self.grads = {}
+        self.input_grad: Tensor | None = None
+        order = [nd for nd in self.graph.nodes if nd.op == "call_function"
+                 and _has_box(env0.get(nd.name))]
+        sources = []
+        for node in order:
+            out = env0[node.name]
+            if isinstance(out, Box) and out.has_own:
+                if not batch_major(node.name):
+                    return False
+                sources.append(node.name)
+            elif not is_affine(node, env0):
+                return False
+        if sum(env0[k].value[0].numel() for k in sources) > MAX_COLUMNS:
+            return False  # the gains would cost more than the method is worth
+        source_set = set(sources)
+        targets = {a.name for nd in order if nd.name in source_set for a in nd.all_input_nodes
+                   if isinstance(env0.get(a.name), Box) and a.name != self.input_name
+                   and batch_major(a.name)}
+        position = {nd.name: i for i, nd in enumerate(self.graph.nodes)}
+        x = center.detach().to(F64)
+        vals = centre_values(self.graph, self.consts, self.input_name, x)
+        gains: dict[tuple[str, str], Tensor] = {}
+        for k in sources:
+            later = {t for t in targets if position[t] > position[k]}
+            if later:
+                for t, g in row_gains(self.graph, vals, k, later).items():
+                    gains[(t, k)] = g
+        # the sources upstream of each target; a target one of them misses (no gains) is
+        # left as it is
+        upstream = _ancestors(self.graph)
+        self.before = {t: [k for k in sources if k in upstream[t]] for t in targets}
+        self.before = {t: ks for t, ks in self.before.items()
+                       if all((t, k) in gains for k in ks)}
+        self.sources, self.gains = sources, gains
+        if labels is not None:
+            self.grads = self._margin_gradients(x, labels.reshape(-1).long(), sources)
+        self.ready = True
+        return True
+
+    def _margin_gradients(self, x: Tensor, labels: Tensor, names: list[str]
+                          ) -> dict[str, Tensor]:
+        """{source: (C, n, ...)} ∂m_j/∂(source output) at the centre, m_j = z_y − z_j,
+        raised in magnitude by the float padding (kept as signed values; the padding is
+        applied in :meth:`margin_terms`)."""
+        if not names:
+            return {}
+        vals: dict[str, Any] = {}
+        xg = x.clone().requires_grad_(True)
+        for node in self.graph.nodes:
+            if node.op == "placeholder":
+                vals[node.name] = xg if node.name == self.input_name else self.consts[node.name]
+            elif node.op == "call_function" and is_runtime_check(node.target):
+                vals[node.name] = None
+            elif node.op == "call_function":
+                args, kwargs = as_f64((map_arg(node.args, lambda a: vals[a.name]),
+                                       map_arg(dict(node.kwargs), lambda a: vals[a.name])))
+                out = evaluable(node.target)(*args, **kwargs)
+                vals[node.name] = out[0] if node.target is SDPA else out
+        z = vals[self.logits_name]
+        zy = z.gather(1, labels[:, None]).squeeze(1)
+        outs = [vals[k] for k in names] + [xg]
+        per_class = []
+        for j in range(z.shape[1]):
+            grads = torch.autograd.grad((zy - z[:, j]).sum(), outs, retain_graph=True,
+                                        allow_unused=True)
+            per_class.append([torch.zeros_like(o) if g is None else g.detach()
+                              for g, o in zip(grads, outs, strict=True)])
+        stacked = [torch.stack([row[i] for row in per_class]) for i in range(len(outs))]
+        self.input_grad = stacked[-1]
+        return dict(zip(names, stacked[:-1], strict=True))
+
+    def input_gradient(self) -> Grad | None:
+        """The margins' gradients at the centres, (C, n, ...), as an enclosure whose radius
+        is the float padding (1e-9 of each entry and 1e-12 of the largest)."""
+        g = self.input_grad
+        if not self.ready or g is None:
+            return None
+        top = float(g.abs().max()) if g.numel() else 0.0
+        return Grad(g, G_REL * g.abs() + 1e-12 * top + TINY)
+
+    def tighten(self, name: str, box: Any, env: dict[str, Any]) -> Any:
+        """The node's Box with its remainder intersected with own + Σ_k gains·‖R_k,row‖
+        (module docstring); anything else unchanged."""
+        if not self.ready or name not in self.before or not isinstance(box, Box) \
+                or not box.has_e:
+            return box
+        total = torch.zeros_like(box.value)
+        terms = 0
+        for k in self.before[name]:
+            src = env[k]
+            if not isinstance(src, Box) or not src.has_own:
+                return box
+            rn = _rows_norm(src.own_lo, src.own_hi)  # (rows, n)
+            gain = self.gains[(name, k)]  # (rows, n, ...)
+            total = total + (gain * rn.reshape(*rn.shape, *([1] * (gain.dim() - 2)))).sum(0)
+            terms += rn.shape[0]
+        total = total * (1 + gamma(terms + 2)) + TINY
+        own_lo, own_hi = (box.own_lo, box.own_hi) if box.has_own else (0.0, 0.0)
+        e_lo = torch.maximum(box.e_lo, own_lo - total)
+        e_hi = torch.minimum(box.e_hi, own_hi + total)
+        return Box(box.value, box.lo, box.hi, box.l2, box.rdev, e_lo, e_hi, box.aux,
+                   box.own_lo, box.own_hi)
+
+    def margin_terms(self, env: dict[str, Any], n: int, classes: int) -> Tensor | None:
+        """(n, C) lower bounds of Σ_k g_k·R_k for every margin, or None if unavailable."""
+        if not self.ready or any(k not in self.grads for k in self.sources):
+            return None
+        total = torch.zeros(classes, n, dtype=F64)
+        count = 0
+        for k in self.sources:
+            src = env[k]
+            if not isinstance(src, Box) or not src.has_own:
+                return None
+            g = self.grads[k]
+            lo, hi = src.own_lo.unsqueeze(0), src.own_hi.unsqueeze(0)
+            top = float(g.abs().max()) if g.numel() else 0.0
+            slack = (G_REL * g.abs() + 1e-12 * top) * torch.maximum(lo.abs(), hi.abs())
+            t = torch.minimum(g * lo, g * hi) - slack
+            total = total + t.flatten(2).sum(2)
+            count += g[0, 0].numel()
+        total = total - gamma(count + 2) * total.abs() - TINY
+        return torch.nan_to_num(total.T.contiguous(), nan=-math.inf)
