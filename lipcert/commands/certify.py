@@ -40,8 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="L2 radii for certified accuracy (default 0.25,0.5,1.0)")
     p.add_argument("--mode", choices=("global", "local", "margin"), default="global",
                    help="global: one bound for the input domain; local: a bound per ball; "
-                   "margin: local plus margin-gradient bounds (slower, about 1-2 s per sample "
-                   "on the demo ViTs; each sample keeps its largest sound radius)")
+                   "margin: local plus margin-gradient bounds with symbolic remainders "
+                   "(slower, several seconds per sample on the demo ViTs; each sample keeps "
+                   "its largest sound radius)")
     p.add_argument("--method", choices=("exact", "gram"), default="exact",
                    help="certified spectral norms: exact (float64 Gram eigenvalues, rounded "
                    "up) or gram (Gram iteration)")
