@@ -141,7 +141,7 @@ class SymbolicRemainders:
         method."""
         self.ready = False
         self.grads = {}
-        self.input_grad: Tensor | None = None
+        self.input_grad = None
         order = [nd for nd in self.graph.nodes if nd.op == "call_function"
                  and _has_box(env0.get(nd.name))]
         sources = []
