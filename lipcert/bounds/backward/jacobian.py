@@ -79,11 +79,12 @@ def as_f64(tree: Any) -> Any:
                     and t.is_floating_point() and t.dtype != torch.float64 else t, tree)
 
 
-def _values(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor
-            ) -> list[Tensor]:
-    """Every node's tensor value at x (to size the chunks)."""
+def node_values(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor,
+                parts: list[Tensor] | None = None) -> dict[str, Any]:
+    """Every node's value at ``x`` in float64 (an attention node: its output; runtime checks:
+    None), differentiable if ``x`` requires grad; ``parts`` collects every tensor each op
+    returns, attention's scores and probabilities included (to size the chunks)."""
     vals: dict[str, Any] = {}
-    out = []
     for node in graph.nodes:
         if node.op == "placeholder":
             vals[node.name] = x if node.name == input_name else consts[node.name]
@@ -94,8 +95,9 @@ def _values(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: T
                                    map_arg(dict(node.kwargs), lambda a: vals[a.name])))
             res = evaluable(node.target)(*args, **kwargs)
             vals[node.name] = res[0] if node.target is SDPA else res
-            out += [t for t in tree_flatten(res)[0] if isinstance(t, Tensor)]
-    return out
+            if parts is not None:
+                parts += [t for t in tree_flatten(res)[0] if isinstance(t, Tensor)]
+    return vals
 
 
 def _last_uses(graph: torch.fx.Graph) -> dict[str, int]:
@@ -114,8 +116,10 @@ def centre_jacobian_norms(graph: torch.fx.Graph, consts: dict[str, Any], input_n
     x = x.detach().to(torch.float64)
     n = x.shape[0]
     per = x[0].numel()
+    parts: list[Tensor] = []
     with torch.no_grad():
-        biggest = max((t.numel() for t in _values(graph, consts, input_name, x)), default=1)
+        node_values(graph, consts, input_name, x, parts)
+    biggest = max((t.numel() for t in parts), default=1)
     chunk = max(1, min(per, budget // max(biggest, 1)))
     sq: dict[str, Tensor] = {}
     last = _last_uses(graph)
@@ -211,31 +215,13 @@ def _apply(node: torch.fx.Node, vals: dict[str, Any], tans: dict[str, Any],
                 record(f"{node.name}[{j}]", tj)
 
 
-def centre_values(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor
-                  ) -> dict[str, Any]:
-    """Every node's value at the centre ``x`` (float64), attention outputs only."""
-    vals: dict[str, Any] = {}
-    with torch.no_grad():
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                vals[node.name] = x if node.name == input_name else consts[node.name]
-            elif node.op == "call_function" and is_runtime_check(node.target):
-                vals[node.name] = None
-            elif node.op == "call_function":
-                args, kwargs = as_f64((map_arg(node.args, lambda a: vals[a.name]),
-                                       map_arg(dict(node.kwargs), lambda a: vals[a.name])))
-                out = evaluable(node.target)(*args, **kwargs)
-                vals[node.name] = out[0] if node.target is SDPA else out
-    return vals
-
-
 def row_gains(graph: torch.fx.Graph, vals: dict[str, Any], source: str, targets: set[str],
               budget: int = 2**23) -> dict[str, Tensor]:
     """``{target: G}`` with G[t, s, ...] = ‖∂y_e/∂(row t of the source)‖₂ at the centre, for
     every element e of sample s of each target node y after ``source`` (a row: the last
     dimension; the source's dim 0 is the batch and samples never mix). Forward mode from the
     source, one pass per chunk of its per-sample coordinates (``vals``: centre values from
-    :func:`centre_values`); rounded up like :func:`centre_jacobian_norms`."""
+    :func:`node_values`); rounded up like :func:`centre_jacobian_norms`."""
     out = vals[source]
     n, width = out.shape[0], out.shape[-1]
     per = out[0].numel()

@@ -42,18 +42,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.fx.node import map_arg
 from torch.utils._pytree import tree_flatten
 
 from lipcert.bounds.backward.interval import TINY, Box, Grad
-from lipcert.bounds.backward.jacobian import (
-    SDPA,
-    as_f64,
-    centre_values,
-    evaluable,
-    is_runtime_check,
-    row_gains,
-)
+from lipcert.bounds.backward.jacobian import node_values, row_gains
 from lipcert.bounds.state import F64, gamma
 
 aten = torch.ops.aten
@@ -161,7 +153,8 @@ class SymbolicRemainders:
                    and batch_major(a.name)}
         position = {nd.name: i for i, nd in enumerate(self.graph.nodes)}
         x = center.detach().to(F64)
-        vals = centre_values(self.graph, self.consts, self.input_name, x)
+        with torch.no_grad():
+            vals = node_values(self.graph, self.consts, self.input_name, x)
         gains: dict[tuple[str, str], Tensor] = {}
         for k in sources:
             later = {t for t in targets if position[t] > position[k]}
@@ -187,18 +180,8 @@ class SymbolicRemainders:
         applied in :meth:`margin_terms`)."""
         if not names:
             return {}
-        vals: dict[str, Any] = {}
         xg = x.clone().requires_grad_(True)
-        for node in self.graph.nodes:
-            if node.op == "placeholder":
-                vals[node.name] = xg if node.name == self.input_name else self.consts[node.name]
-            elif node.op == "call_function" and is_runtime_check(node.target):
-                vals[node.name] = None
-            elif node.op == "call_function":
-                args, kwargs = as_f64((map_arg(node.args, lambda a: vals[a.name]),
-                                       map_arg(dict(node.kwargs), lambda a: vals[a.name])))
-                out = evaluable(node.target)(*args, **kwargs)
-                vals[node.name] = out[0] if node.target is SDPA else out
+        vals = node_values(self.graph, self.consts, self.input_name, xg)
         z = vals[self.logits_name]
         zy = z.gather(1, labels[:, None]).squeeze(1)
         outs = [vals[k] for k in names] + [xg]
