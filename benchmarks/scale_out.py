@@ -7,7 +7,11 @@ on one thread (``OMP_NUM_THREADS=1``), the two-process runs started by ``torchru
 * **attack**: ``lipcert attack`` with PGD-L2 (ε 1, 20 steps) and AutoAttack (L∞, ε 8/255,
   standard version) on the first N MNIST test images of a ``vit-mnist-standard-tiny`` run
   (trained here once, 100 steps). Wall time of the whole command (start-up and loading
-  included). Target speed-up ≥ 1.7×. The two CSVs must be byte-identical.
+  included). Target speed-up ≥ 1.7×. The two CSVs must be byte-identical. The CPU seconds
+  of all its processes are printed too (torchrun's included): with 2 processes on a quiet
+  2-core machine they are close to twice the wall time; much less means other jobs took
+  cores, and the wall times (of 2 processes above all) say more about them than about
+  lipcert.
 * **norms**: certification (global mode, exact norms) of a GPT-2-medium-shaped ``.pt2``
   (``nn.TransformerEncoder``, ``--blocks`` pre-LN blocks (24), d 1,024, 16 heads, MLP
   4,096, unembedding to 50,257, random weights, one embedded sequence of ``--context``
@@ -16,9 +20,10 @@ on one thread (``OMP_NUM_THREADS=1``), the two-process runs started by ``torchru
   rank 0 after every rank has loaded the program (the norms, the helper's listing walk,
   the propagation and the layer table; start-up and loading excluded, and printed apart).
   Target speed-up ≥ 1.6×. The bounds (global, inf for this pre-LN model on its box, and
-  every layer's) must be equal. Rank 0's CPU seconds are printed too: on a machine whose
+  every layer's) must be equal. Each rank's CPU seconds are printed too: on a machine whose
   cores other jobs share, a second process gets less than a core, and the CPU time shows
-  how much work each rank was left with.
+  how much work each rank was left with (the helper's wall time less its CPU time is how
+  long it waited for rank 0's propagation and layer table at the end).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_out.py [--n 1000] [--repeats 3]
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -92,13 +98,20 @@ def _prepare(out: Path, context: int, blocks: int, jobs: tuple[str, ...]) -> tup
     return run, pt2
 
 
-def _attack(procs: int, run: Path, n: int, csv: Path) -> float:
+def _children_cpu_s() -> float:
+    """CPU seconds of the finished child processes (and theirs: torchrun's workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _attack(procs: int, run: Path, n: int, csv: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of the whole ``lipcert attack`` command."""
     argv = [str(LIPCERT), "attack", str(run), "--data", "mnist", "-n", str(n),
             "--attacks", "pgdl2,autoattack", "--eps-l2", "1", "--eps-linf", "8/255",
             "--quiet", "--overwrite", "-o", str(csv)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu_s()
     subprocess.run(_launch(procs, argv), check=True, env=_env(), stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, _children_cpu_s() - cpu
 
 
 def _norms(procs: int, pt2: Path, context: int) -> dict[str, float]:
@@ -112,9 +125,10 @@ def _norms(procs: int, pt2: Path, context: int) -> dict[str, float]:
 
 def norms_worker(pt2: Path, context: int) -> None:
     """One rank: load the program, wait for the others, certify as ``lipcert certify``
-    does under torchrun (``certify_shared``), print rank 0's times."""
+    does under torchrun (``certify_shared``), print rank 0's times and every rank's wall
+    and CPU seconds."""
     from lipcert.certify_shards import certify_shared
-    from lipcert.distributed import broadcast, world
+    from lipcert.distributed import broadcast, gather, world
     from lipcert.loading import load_model
 
     started = time.perf_counter()
@@ -128,8 +142,10 @@ def norms_worker(pt2: Path, context: int) -> None:
     cert = certify_shared(program, x, label, indices=[0], eps=[1.0], domain=(-1e3, 1e3),
                           mode="global", method="exact")
     certify_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    ranks = gather([certify_s, cpu_s])
     if world().main:
         print(json.dumps({"certify_s": certify_s, "certify_cpu_s": cpu_s, "load_s": load_s,
+                          "ranks_wall_cpu_s": ranks,
                           "global_bound_s": cert.timing_s["global_bound"],
                           "layers_s": cert.timing_s["layers"],
                           "lipschitz_upper": cert.lipschitz_upper,
@@ -155,20 +171,26 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     run, pt2 = _prepare(args.out, args.context, args.blocks, jobs)
     attack_s: dict[int, list[float]] = {1: [], 2: []}
+    attack_cpu_s: dict[int, list[float]] = {1: [], 2: []}
     norms: dict[int, list[dict[str, float]]] = {1: [], 2: []}
     for rep in range(args.repeats):
         for procs in (1, 2):
             line = f"run {rep + 1}, {procs} process(es):"
             if "attack" in jobs:
                 csv = args.out / f"attacks-{procs}.csv"
-                attack_s[procs].append(_attack(procs, run, args.n, csv))
-                line += f" attack {attack_s[procs][-1]:.1f} s"
+                wall, cpu = _attack(procs, run, args.n, csv)
+                attack_s[procs].append(wall)
+                attack_cpu_s[procs].append(cpu)
+                line += f" attack {wall:.1f} s (CPU {cpu:.1f} s)"
             if "norms" in jobs:
                 r = _norms(procs, pt2, args.context)
                 norms[procs].append(r)
+                helpers = "".join(f", rank {k}: CPU {cpu:.1f} s of {wall:.1f} s"
+                                  for k, (wall, cpu) in enumerate(r["ranks_wall_cpu_s"])
+                                  if k > 0)
                 line += (f" certify {r['certify_s']:.1f} s (rank 0: CPU {r['certify_cpu_s']:.1f}"
                          f" s, global bound {r['global_bound_s']:.1f} s, layer table "
-                         f"{r['layers_s']:.1f} s; command {r['command_s']:.1f} s)")
+                         f"{r['layers_s']:.1f} s{helpers}; command {r['command_s']:.1f} s)")
             print(line, flush=True)
         if "attack" in jobs and ((args.out / "attacks-1.csv").read_bytes()
                                  != (args.out / "attacks-2.csv").read_bytes()):
@@ -177,9 +199,13 @@ def main() -> None:
                                   "context": args.context, "blocks": args.blocks}
     times = {"attack": attack_s,
              "norms": {p: [r["certify_s"] for r in rs] for p, rs in norms.items()}}
+    cpu_times = {"attack": attack_cpu_s,  # all processes; norms: rank 0's
+                 "norms": {p: [r["certify_cpu_s"] for r in rs] for p, rs in norms.items()}}
     for what in jobs:
         one, two = statistics.median(times[what][1]), statistics.median(times[what][2])
-        summary[what] = {"median_1_s": one, "median_2_s": two, "speed_up": one / two}
+        summary[what] = {"median_1_s": one, "median_2_s": two, "speed_up": one / two,
+                         "median_cpu_1_s": statistics.median(cpu_times[what][1]),
+                         "median_cpu_2_s": statistics.median(cpu_times[what][2])}
         print(f"{what}: median {one:.1f} s with 1 process, {two:.1f} s with 2: "
               f"speed-up {one / two:.2f}x")
     if "norms" in jobs:

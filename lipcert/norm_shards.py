@@ -25,13 +25,14 @@ Who computes what, with no cost model:
   rank waiting for the others' entries, one after another, in graph order).
 
 The list comes from a first walk of the graph with a context that records each entry and
-answers a stand-in (1 for a norm, ones for row norms). Nothing the walk makes is kept but
-the norm cache's other entries (float64 copies of weights and the like: functions of one
-weight each, never of a stand-in); it has its own shape cache. An entry the walk missed is
-computed by the rank that needs it, as in one process: never a wrong value, only less
-speed-up; a walk that stops at an error (the propagation meets it and reports it) lists
-fewer entries. A rank whose entry fails publishes the error, and every rank waiting for
-that entry raises it.
+answers a stand-in (1 for a norm, ones for row norms), without the interval refinements
+(``lip_only``, as the per-layer passes run: the rules ask for the same norms, and the walk
+costs a quarter less). Nothing the walk makes is kept but the norm cache's other entries
+(float64 copies of weights and the like: functions of one weight each, never of a
+stand-in); it has its own shape cache. An entry the walk missed is computed by the rank
+that needs it, as in one process: never a wrong value, only less speed-up; a walk that
+stops at an error (the propagation meets it and reports it) lists fewer entries. A rank
+whose entry fails publishes the error, and every rank waiting for that entry raises it.
 
 On a GPU the matrices' σ_max are computed on copies there in float64 (``lipcert.spectral``
 works on any device with float64; the derivations it relies on hold for any order of
@@ -239,10 +240,13 @@ def _walk(prop: Propagator, domain: Any, sample_shape: Sequence[int],
     """The shared entries ``prop``'s global pass asks for, in graph order (module
     docstring)."""
     recorder = _Recorder(prop.static_batch or 1, method=prop.method, ibp=False,
-                         norm_cache=prop.norm_cache, device=device)
+                         lip_only=True, norm_cache=prop.norm_cache, device=device)
     walker = copy.copy(prop)
     walker.context = lambda n, radius, ibp=True: recorder  # type: ignore[method-assign]
-    with suppress(LipcertError):  # the propagation meets the same error and reports it
+    # The list only saves time: a walk that stops at an error (a rule's failure on a
+    # stand-in, or one the propagation meets and reports: each is a LipcertError) lists
+    # fewer entries, each then computed by the rank that needs it.
+    with suppress(LipcertError):
         walker.run(domain, sample_shape=tuple(sample_shape))
     return recorder.jobs
 

@@ -251,6 +251,31 @@ def test_the_ranks_split_exactly_the_norms_a_propagation_computes(run, tmp_path,
         assert computed == [set(), set(wanted)]
 
 
+@pytest.mark.parametrize("name", [None, "vit-mnist-certified-tiny",
+                                  "gpt-shakespeare-standard-tiny"])
+def test_the_walk_lists_the_norms_a_propagation_computes_in_order(run, tmp_path,
+                                                                   name) -> None:
+    """The helper's walk (stand-in norms, no interval refinement) asks for exactly the
+    shared entries that a global propagation computes, in the same order: what lets a
+    helper claim them from the back of the graph."""
+    from lipcert.bounds import Propagator, as_program
+    from lipcert.loading import load_model
+    from lipcert.norm_shards import SHARED_KINDS, _walk
+    from lipcert.samples import select_samples
+
+    if name is not None:
+        run = save_run(train(preset(name, steps=2), progress=False), tmp_path / name)
+    samples = select_samples(load_model(str(run)), None, 2)
+    program = as_program(samples.classifier, samples.inputs[:2])
+    alone = Propagator(program)
+    alone.run(samples.domain, sample_shape=samples.inputs.shape[1:])
+    wanted = [k for k in alone.norm_cache if k[1] in SHARED_KINDS]
+    assert any(k[1] == "opnorm" for k in wanted) and any(k[1] == "rownorms" for k in wanted)
+    listed = _walk(Propagator(program), samples.domain, samples.inputs.shape[1:],
+                   torch.device("cpu"))
+    assert list(listed) == wanted
+
+
 def _failing_norm(rank: int, run: Path, out: Path) -> None:
     import lipcert.norm_shards as norm_shards
     from lipcert import load
