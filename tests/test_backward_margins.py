@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from lipcert.bounds import Propagator
-from lipcert.bounds.backward import Box, MarginCertifier, margin_radii
+from lipcert.bounds.backward import Box, MarginCertifier, jacobian, margin_radii
+from lipcert.bounds.backward.jacobian import ForwardJacobians
+from lipcert.bounds.backward.margins import SPAN
+from lipcert.bounds.backward.search import grid_search
 from lipcert.data import load_dataset
 from lipcert.errors import LipcertError
 from lipcert.models import ModelConfig, build_model, export_model
@@ -325,3 +329,229 @@ def test_symbolic_remainders_widen_the_radii(models: dict[str, nn.Module],
     assert bool((sym.radius >= plain.radius * (1 - 1e-3)).all())
     certified = plain.radius > 0
     assert float(sym.radius[certified].median()) > 2 * float(plain.radius[certified].median())
+
+
+# --------------------------------------------------------------------------- cost
+# The forward-mode Jacobians (compressed passes, ``jacobian.py``) and the radius search
+# (``search.py``) only change how fast the same numbers are found.
+
+
+class _Encoder(nn.Module):
+    """A pre-LN nn.TransformerEncoder classifier (its export folds the batch into the
+    heads dimension, so several nodes are not batch-major)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(49, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        p = x.reshape(b, 1, 4, 7, 4, 7).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, 49)
+        return self.head(self.enc(self.embed(p)).mean(1))
+
+
+def _gains_both_ways(program: object, x: Tensor, y: Tensor) -> tuple[dict, dict, dict, dict]:
+    """Centre input norms and symbolic-remainder gains from the compressed passes (as
+    certification runs them) and from plain passes (one tangent per coordinate)."""
+    cert = MarginCertifier(program)
+    iv = cert.intervals
+    assert iv.prepare_symbolic(x, y, cert.logits_name)
+    sym = iv.symbolic_for(x, y)
+    plain = ForwardJacobians(iv.graph, iv.consts, iv.prop.input_name, x)
+    fast_gains = dict(sym.gains)
+    plain_gains = {}
+    for k in sym.sources:
+        later = {t for (t, kk) in fast_gains if kk == k}
+        if later:
+            plain_gains.update({(t, k): g for t, g in plain.row_gains(k, later).items()})
+    return iv._norms, plain.input_norms(), fast_gains, plain_gains
+
+
+@pytest.mark.parametrize("family", ["standard", "lipschitz", "encoder"])
+def test_compressed_jacobians_equal_plain_ones(models: dict[str, nn.Module],
+                                               mnist: tuple[Tensor, Tensor],
+                                               family: str) -> None:
+    """Tangents shared by the units of one colour, split back at the mixing ops or
+    narrowed at a cut, give the same centre Jacobian norms and gains as one tangent per
+    coordinate (float64 rounding only), and the passes do share tangents."""
+    x, y = mnist[0][:4], mnist[1][:4]
+    if family == "encoder":
+        torch.manual_seed(0)
+        net = _Encoder().eval()
+        program = torch.export.export(net, (x,), dynamic_shapes=(
+            {0: torch.export.Dim("batch", min=1)},))
+        with torch.no_grad():
+            y = net(x).argmax(1)
+    else:
+        program = export_model(models[family])
+    shared = []
+    original = jacobian._Plan.__init__
+
+    def record(plan: object, *args: object) -> None:
+        original(plan, *args)
+        shared.append(plan.colours < plan.units)
+
+    jacobian._Plan.__init__ = record
+    try:
+        fast_norms, plain_norms, fast_gains, plain_gains = _gains_both_ways(program, x, y)
+    finally:
+        jacobian._Plan.__init__ = original
+    assert any(shared), "no pass shared tangents"
+    assert fast_norms.keys() == plain_norms.keys()
+    for name, norm in plain_norms.items():
+        torch.testing.assert_close(fast_norms[name], norm, rtol=1e-12, atol=1e-290)
+    assert fast_gains and fast_gains.keys() == plain_gains.keys()
+    for key, gain in plain_gains.items():
+        torch.testing.assert_close(fast_gains[key], gain, rtol=1e-12, atol=1e-290)
+
+
+def _evaluate_from(graph: torch.fx.Graph, consts: dict, input_name: str, x: Tensor,
+                   start: str, value: Tensor, name: str) -> Tensor:
+    """Node ``name`` as a function of node ``start`` set to ``value`` (float64, every op as
+    the graph calls it, attention through torch's reference math)."""
+    vals: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            vals[node.name] = x if node.name == input_name else consts[node.name].double()
+        elif node.op == "call_function":
+            if node.name == start:
+                vals[node.name] = value
+                continue
+            args = torch.fx.node.map_arg(node.args, lambda a: vals[a.name])
+            kwargs = torch.fx.node.map_arg(dict(node.kwargs), lambda a: vals[a.name])
+            if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+                vals[node.name] = torch.ops.aten._scaled_dot_product_attention_math(
+                    *args, **kwargs)[0]
+            else:
+                vals[node.name] = node.target(*args, **kwargs)
+        if node.name == name:
+            return vals[node.name]
+    raise AssertionError(name)
+
+
+def test_jacobian_norms_match_autograd(models: dict[str, nn.Module],
+                                       mnist: tuple[Tensor, Tensor]) -> None:
+    """Centre input norms of every kind of node and every gain against full Jacobians by
+    reverse-mode autograd (of each sample's own rows: samples never mix)."""
+    x, y = mnist[0][:2], mnist[1][:2]
+    n = len(x)
+    cert = MarginCertifier(export_model(models["standard"]))
+    iv = cert.intervals
+    assert iv.prepare_symbolic(x, y, cert.logits_name)
+    sym = iv.symbolic_for(x, y)
+    graph, consts, inp = iv.graph, iv.consts, iv.prop.input_name
+    x64 = x.double()
+    vals = ForwardJacobians(graph, consts, inp, x).vals
+
+    def own_rows(jac: Tensor, out_shape: torch.Size, width: int) -> Tensor:
+        """(rows, n, *out[1:]): per sample, the norms of ∂out/∂(row of that sample)."""
+        per = jac.reshape(n, out_shape[1:].numel(), n, -1, width)
+        norms = torch.stack([per[s, :, s].norm(dim=-1) for s in range(n)])  # (n, O, rows)
+        return norms.permute(2, 0, 1).reshape(-1, *out_shape)
+
+    kinds = {}
+    for node in graph.nodes:
+        kinds.setdefault(getattr(node.target, "overloadpacket", node.target), node.name)
+    names = [kinds[op] for op in (torch.ops.aten.layer_norm, torch.ops.aten.gelu,
+                                  torch.ops.aten.scaled_dot_product_attention)]
+    for name in [*names, cert.logits_name]:
+        jac = torch.autograd.functional.jacobian(
+            lambda z, name=name: _evaluate_from(graph, consts, inp, z, "", z, name), x64)
+        _upper_and_close(iv._norms[name], own_rows(jac, vals[name].shape, x64[0].numel())[0])
+    assert len(sym.gains) >= 5
+    for (t, k), gain in sym.gains.items():
+        jac = torch.autograd.functional.jacobian(
+            lambda v, t=t, k=k: _evaluate_from(graph, consts, inp, x64, k, v, t),
+            vals[k].clone())
+        _upper_and_close(gain, own_rows(jac, vals[t].shape, vals[k].shape[-1]))
+
+
+def _upper_and_close(value: Tensor, exact: Tensor) -> None:
+    """``value`` is the float64 ``exact`` raised by its padding (1e-9 relative, 1e-12 of
+    the largest entry): never below it, and above it by no more."""
+    top = float(exact.max())
+    assert bool((value >= exact * (1 - 1e-12)).all())
+    assert bool((value <= exact * (1 + 2e-9) + 2e-12 * top + 1e-290).all())
+
+
+def _bisection(passes: Callable[[Tensor], Tensor], r_max: Tensor, steps: int) -> Tensor:
+    """The geometric bisection of earlier versions, as reference."""
+    lo, hi = r_max * SPAN, r_max.clone()
+    best = torch.zeros_like(r_max)
+    for _ in range(steps):
+        mid = (lo * hi).sqrt()
+        ok = passes(mid)
+        best = torch.where(ok, mid, best)
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return best
+
+
+@pytest.mark.parametrize("curve", ["power", "wall", "noise", "unknown"])
+def test_radius_search_finds_the_bisection_radius(curve: str) -> None:
+    """On tests with a threshold, the search returns the radius the bisection returns
+    (the largest passing grid radius), whatever the steering value does, within its step
+    cap; with an informative value it needs far fewer evaluations."""
+    g = torch.Generator().manual_seed(0)
+    n, steps = 64, 12
+    r_max = torch.rand(n, generator=g, dtype=F64) * 10 + 0.1
+    threshold = r_max * 10 ** (-9 * torch.rand(n, generator=g, dtype=F64))
+    threshold[:4] = r_max[:4] * 2  # every radius passes
+    threshold[4:8] = r_max[4:8] * 1e-10  # none does
+    active = torch.ones(n, dtype=torch.bool)
+    active[8:10] = False
+
+    def evaluate(radius: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = torch.log(radius / threshold)
+        v = {"power": 2 * x, "wall": (15 * x).clamp(max=3.0) + 0.1 * x,
+             "noise": torch.sign(x) * torch.rand(n, generator=g, dtype=F64) * 5,
+             "unknown": torch.full((n,), math.nan, dtype=F64)}[curve]
+        return radius < threshold, v, radius * 2
+
+    best, kept, evaluations = grid_search(evaluate, r_max, active, steps, SPAN,
+                                          torch.full((n,), -1.0, dtype=F64))
+    expected = torch.where(active, _bisection(lambda r: r < threshold, r_max, steps), 0.0)
+    torch.testing.assert_close(best, expected, rtol=1e-12, atol=0.0)
+    assert bool((kept == torch.where(best > 0, 2 * best, -1.0)).all())
+    assert bool((best < threshold).all())
+    assert evaluations <= 2 * steps + 2
+    if curve == "power":
+        assert evaluations <= 8, evaluations
+
+
+def test_search_returns_radii_where_the_test_passed(models: dict[str, nn.Module],
+                                                   mnist: tuple[Tensor, Tensor]) -> None:
+    """On a trained ViT: every returned radius was evaluated and passed the full test for
+    its sample, and the radii are the bisection's (to its grid step) with fewer
+    evaluations."""
+    x, y = mnist
+    cert = MarginCertifier(export_model(models["standard"]))
+    seen: list[tuple[Tensor, Tensor]] = []
+    bounds = cert.bounds
+
+    def recorded(inputs: Tensor, labels: Tensor, radius: Tensor, first_order: Tensor | None = None
+                 ) -> object:
+        b = bounds(inputs, labels, radius, first_order)
+        if first_order is not None:
+            seen.append((radius.clone(), b.certified(radius)))
+            recorded.first = first_order
+        return b
+
+    cert.bounds = recorded  # type: ignore[method-assign]
+    res = cert.radii(x, y, steps=12)
+    certified = res.radius > 0
+    assert int(certified.sum()) >= 4
+    for s in torch.nonzero(certified).flatten().tolist():
+        assert any(float(r[s]) == float(res.radius[s]) and bool(ok[s]) for r, ok in seen)
+    cert.bounds = bounds  # type: ignore[method-assign]
+    first = recorded.first
+    b0 = cert.bounds(x, y, torch.zeros(len(x), dtype=F64))
+    r_max = torch.where(first > 0, b0.margin / first, math.inf).amin(1)
+    old = _bisection(lambda r: cert.bounds(x, y, r, first).certified(r), r_max, 12)
+    old = torch.where((res.pred == y) & (b0.margin > 0).all(1), old, 0.0)
+    step = math.exp(math.log(1 / SPAN) / 2**12)
+    assert bool((res.radius >= old / step * (1 - 1e-12)).all()), (res.radius, old)
+    assert res.evaluations < 13

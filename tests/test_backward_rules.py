@@ -218,20 +218,25 @@ def _own_remainders(b: Bounds, consts: dict[str, Tensor], env: dict[str, Any],
         bx = b.env.get(node.name)
         if node.op != "call_function" or not isinstance(bx, Box) or not bx.has_own:
             continue
-        live = [a for a in node.all_input_nodes if isinstance(b.env.get(a.name), Box)]
-        target = node.target
+        # the values of an op with several outputs (sort) carry that op's own remainder
+        op, index = node, None
+        if node.target is operator.getitem:
+            op, index = node.args[0], node.args[1]
+        live = [a for a in op.all_input_nodes if isinstance(b.env.get(a.name), Box)]
+        target = op.target
         centre_all = {**consts, **{k: _rep(v, p) for k, v in centre_vals.items()
                                    if isinstance(v, Tensor) and k not in consts}}
 
-        def f(*ts: Tensor, node: torch.fx.Node = node, live: list = live,
+        def f(*ts: Tensor, op: torch.fx.Node = op, live: list = live, index: Any = index,
               target: Any = target, centre_all: dict = centre_all) -> Tensor:
             sub = dict(zip([a.name for a in live], ts, strict=True))
             vals = {**centre_all, **sub}
-            args = torch.fx.node.map_arg(node.args, lambda a: vals[a.name])
-            kwargs = torch.fx.node.map_arg(dict(node.kwargs), lambda a: vals[a.name])
+            args = torch.fx.node.map_arg(op.args, lambda a: vals[a.name])
+            kwargs = torch.fx.node.map_arg(dict(op.kwargs), lambda a: vals[a.name])
             if target is SDPA:
                 return attention_parts_exact(*args, **kwargs)[0]
-            return target(*args, **kwargs)
+            out = target(*args, **kwargs)
+            return out if index is None else out[index]
 
         primals = tuple(centre_all[a.name] for a in live)
         tangents = tuple((env[a.name] - centre_all[a.name]).detach() for a in live)
@@ -592,6 +597,137 @@ def case_conv(g: torch.Generator) -> Case:
     return Case(prog, (2, 4, 4))
 
 
+def case_max_pool(g: torch.Generator) -> Case:
+    """Max pooling after a ReLU (exact ties at 0 in many windows), ResNet's 3/2/1 among
+    random kernels, strides, paddings, dilations, ceil mode, 1-D and with indices."""
+    kind = int(torch.randint(4, (), generator=g))
+    w, b = _w(g, 5, 5, 1.5), _b(g, 5)
+    relu = bool(torch.rand((), generator=g) < 0.6)
+
+    def prog(call: Any, x: Any) -> Any:
+        h = call(aten.linear.default, x, w, b)  # (N, 2, 5, 5)
+        if relu:
+            h = call(aten.relu.default, h)
+        if kind == 0:
+            y = call(aten.max_pool2d.default, h, [3, 3], [2, 2], [1, 1])
+        elif kind == 1:
+            y = call(aten.max_pool2d.default, h, [2, 3], [2, 1], [1, 0], [2, 1], True)
+        elif kind == 2:
+            flat = call(aten.reshape.default, h, [-1, 2, 25])
+            y = call(aten.max_pool1d.default, flat, [4], [3], [2], [1], True)
+        else:
+            y = call(operator.getitem,
+                     call(aten.max_pool2d_with_indices.default, h, [2, 2], [1, 1]), 0)
+        return call(aten.tanh.default, y)
+
+    return Case(prog, (2, 5, 5), radius=0.4)
+
+
+def case_avg_pool(g: torch.Generator) -> Case:
+    """Average pooling (padding with and without counting it, ceil mode, a divisor) and
+    adaptive average pooling (1-D as Swin pools its tokens, 2-D as a ResNet's head)."""
+    kind = int(torch.randint(4, (), generator=g))
+    w, b = _w(g, 5, 5, 1.5), _b(g, 5)
+
+    def prog(call: Any, x: Any) -> Any:
+        h = call(aten.gelu.default, call(aten.linear.default, x, w, b))  # (N, 2, 5, 5)
+        if kind == 0:
+            y = call(aten.avg_pool2d.default, h, [3, 3], [2, 2], [1, 1], True, False)
+        elif kind == 1:
+            y = call(aten.avg_pool2d.default, h, [2, 2], [1, 2], [1, 0], False, True, 3)
+        elif kind == 2:
+            y = call(aten.adaptive_avg_pool2d.default, h, [2, 3])
+        else:
+            flat = call(aten.reshape.default, h, [-1, 10, 5])
+            y = call(aten.adaptive_avg_pool1d.default, flat, [2])
+        return call(aten.tanh.default, y)
+
+    return Case(prog, (2, 5, 5), radius=0.4)
+
+
+def case_sort(g: torch.Generator) -> Case:
+    """sort's values along a random dimension (deel-torchlip's GroupSort2 sorts pairs along
+    a middle dimension), ascending or descending, groups of 2 to 4, sometimes after a ReLU
+    (exact ties)."""
+    size = int(torch.randint(2, 5, (), generator=g))
+    dim = int(torch.randint(1, 4, (), generator=g))
+    descending = bool(torch.rand((), generator=g) < 0.5)
+    stable = bool(torch.rand((), generator=g) < 0.2)
+    relu = bool(torch.rand((), generator=g) < 0.4)
+    w, b = _w(g, 3 * size, 4, 1.5), _b(g, 3 * size)
+
+    def prog(call: Any, x: Any) -> Any:
+        h = call(aten.linear.default, x, w, b)  # (N, 2, 3·size)
+        if relu:
+            h = call(aten.relu.default, h)
+        h = call(aten.reshape.default, h, [-1, 2, 3, size] if dim == 3 else [-1, 2, size, 3]
+                 if dim == 2 else [-1, size, 2, 3])
+        if stable:
+            srt = call(aten.sort.stable, h, stable=True, dim=dim, descending=descending)
+        else:
+            srt = call(aten.sort.default, h, dim, descending)
+        y = call(aten.reshape.default, call(operator.getitem, srt, 0), [-1, 2, 3 * size])
+        return call(aten.tanh.default, y)
+
+    return Case(prog, (2, 4), radius=0.5)
+
+
+def case_l2_norm_pool(g: torch.Generator) -> Case:
+    """deel-torchlip's L2-norm pooling (the fused op), disjoint and overlapping windows, 1-D
+    and 2-D; activations scaled down at random so that some windows may reach 0 on the
+    ball."""
+    from lipcert.bounds.rules.thirdparty import l2_norm_pool_op
+
+    kind = int(torch.randint(3, (), generator=g))
+    w, b = _w(g, 4, 4, 1.5), _b(g, 4)
+    small = float(10 ** torch.empty(()).uniform_(-1.5, 0, generator=g))
+    scale = float(torch.empty(()).uniform_(0.3, 2.0, generator=g))
+
+    def prog(call: Any, x: Any) -> Any:
+        h = call(aten.mul.Tensor, call(aten.linear.default, x, w, b), small)  # (N, 2, 4, 4)
+        if kind == 0:
+            y = call(l2_norm_pool_op, h, [2, 2], [2, 2], scale)
+        elif kind == 1:
+            y = call(l2_norm_pool_op, h, [2, 3], [1, 1], scale)
+        else:
+            y = call(l2_norm_pool_op, call(aten.reshape.default, h, [-1, 2, 16]), [3], [2],
+                     scale)
+        return call(aten.tanh.default, y)
+
+    return Case(prog, (2, 4, 4), radius=0.3)
+
+
+def case_batch_norm(g: torch.Generator) -> Case:
+    """Eval-mode batch norm after a convolution (``_native_batch_norm_legit_no_training``
+    as exports hold it, and ``batch_norm``), with and without affine parameters, and on
+    (N, C) features."""
+    kind = int(torch.randint(3, (), generator=g))
+    kernel = torch.randn(3, 2, 2, 2, generator=g, dtype=F64) * 0.5
+    affine = bool(torch.rand((), generator=g) < 0.7)
+    weight = torch.randn(3, generator=g, dtype=F64) * 2 if affine else None
+    bias = torch.randn(3, generator=g, dtype=F64) if affine else None
+    mean = torch.randn(3, generator=g, dtype=F64)
+    var = torch.rand(3, generator=g, dtype=F64) * 2 + 0.05
+    w = _w(g, 3, 32, 2.0)
+
+    def prog(call: Any, x: Any) -> Any:
+        if kind == 2:
+            h = call(aten.linear.default, call(aten.flatten.using_ints, x, 1), w)  # (N, 3)
+            y = call(aten.batch_norm.default, h, weight, bias, mean, var, False, 0.1, 1e-5,
+                     False)
+            return call(aten.tanh.default, y)
+        h = call(aten.conv2d.default, x, kernel, None, [1, 1], [1, 1])
+        if kind == 0:
+            y = call(operator.getitem, call(aten._native_batch_norm_legit_no_training.default,
+                                            h, weight, bias, mean, var, 0.1, 1e-5), 0)
+        else:
+            y = call(aten.batch_norm.default, h, weight, bias, mean, var, False, 0.1, 1e-3,
+                     False)
+        return call(aten.tanh.default, y)
+
+    return Case(prog, (2, 4, 4))
+
+
 POINTWISE = ["gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "relu", "leaky_relu", "hardtanh",
              "clamp", "abs", "exp", "sqrt", "rsqrt", "reciprocal", "pow2", "pow3", "pow_half"]
 CASES: dict[str, Callable[[torch.Generator], Case]] = {
@@ -608,6 +744,11 @@ CASES: dict[str, Callable[[torch.Generator], Case]] = {
     "token_ball": case_token_ball,
     "group_sort2": case_group_sort2,
     "conv": case_conv,
+    "max_pool": case_max_pool,
+    "avg_pool": case_avg_pool,
+    "sort": case_sort,
+    "l2_norm_pool": case_l2_norm_pool,
+    "batch_norm": case_batch_norm,
     **{name: make_pointwise(name) for name in POINTWISE},
 }
 

@@ -8,7 +8,8 @@ own samples (``--inputs``, with ``--domain`` or ``--embedding-table``). The cert
 checked against exact Jacobian spectral norms of the eager model in float64, at the samples
 and at points found by gradient ascent on the Jacobian norm inside the set each bound covers
 (the domain; the certified ball ∩ the domain). Margin mode is checked on the transformers it
-covers by gradient descent on the margins inside each certified radius.
+covers, on deel-torchlip's sort and L2-norm-pooling networks and on a ResNet, by gradient
+descent on the margins inside each certified radius.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from third_party_zoo import ARCHS, Prepared, largest_jacobian_norm, prepare, smallest_margin
 from torch import nn
 
+from lipcert.bounds.backward import margin_radii
 from lipcert.cli import main
 
 F64 = torch.float64
@@ -96,3 +98,18 @@ def test_margin_mode_through_the_cli(name: str, tmp_path: Path, capsys) -> None:
     assert "margin" in {s["radius_method"] for s in margin}
     worst = smallest_margin(p, radii)
     assert bool((worst[radii > 0] > 0).all()), worst
+
+
+@pytest.mark.parametrize("name", ["deel-dense", "deel-conv", "resnet"])
+def test_margin_radii_of_sorting_and_pooling_networks(name: str, tmp_path: Path) -> None:
+    """deel-torchlip's networks (GroupSort2 as ``sort``, L2-norm pooling) and a ResNet
+    (eval-mode batch norm, max pooling, adaptive average pooling) in margin mode, from the
+    saved program: every sample gets a margin-certificate radius, and gradient descent on
+    the margins finds no other label inside it. (The CLI keeps the largest sound radius,
+    which for the nearly gradient-norm-preserving deel networks is mostly the global one,
+    so the margin radii are checked here directly.)"""
+    p = prepare(name, tmp_path)
+    found = margin_radii(torch.export.load(p.pt2), p.x, p.y, domain=(0.0, 1.0))
+    assert bool((found.radius > 0).all())
+    worst = smallest_margin(p, found.radius)
+    assert bool((worst > 0).all()), worst

@@ -8,14 +8,20 @@ Layout:
 * ``registry.py``  the rule tables and the ``@backward_rule`` / ``@forward_rule`` decorators;
 * ``rules/``       per op, a forward-interval rule and a backward rule, grouped like the
                    engine's rules (linear, pointwise, arithmetic, norm, attention, shape,
-                   custom);
-* ``jacobian.py``  row norms of the exact Jacobian at the centre (forward-mode AD), and the
-                   gains of every op's output rows at later nodes;
+                   custom) and for pooling, order statistics (sort, max) and batch norm;
+* ``evaluation.py`` float64 evaluation of the graph at the centre (every node's value);
+* ``tangents.py``  one op's forward-mode derivative applied to a stack of tangents;
+* ``dependency.py`` which source rows each element can depend on, and the colouring that
+                   lets one tangent carry several of them;
+* ``jacobian.py``  row norms of the exact Jacobian at the centre (forward-mode AD, with
+                   compressed passes), and the gains of every op's output rows at later
+                   nodes;
 * ``forward.py``   forward intervals (Taylor models) of every node over the ball ∩ domain;
 * ``symbolic.py``  symbolic remainders: the ops' own second-order terms weighted by exact
                    centre sensitivities instead of wrapped op by op;
 * ``walk.py``      the reverse walk over the exported graph;
-* ``margins.py``   margin bounds and certified radii (:func:`margin_radii`).
+* ``margins.py``   margin bounds and certified radii (:func:`margin_radii`);
+* ``search.py``    the search for the largest certified radius of the bisection grid.
 
 Adding an op: one ``@forward_rule`` (the op's interval and Taylor remainder given its
 inputs' :class:`Box`, and the op's own remainder unless it is affine) and one

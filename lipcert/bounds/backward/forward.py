@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 import lipcert.bounds.backward.rules  # noqa: F401  (registers the rules)
 from lipcert.bounds import Bound, BoxDomain, EmbeddingDomain, Propagator
 from lipcert.bounds.backward.interval import TINY, Box, row_norm
-from lipcert.bounds.backward.jacobian import SDPA, centre_jacobian_norms, is_runtime_check
+from lipcert.bounds.backward.jacobian import SDPA, ForwardJacobians, is_runtime_check
 from lipcert.bounds.backward.registry import FwdCtx, lookup_backward, lookup_forward
 from lipcert.bounds.backward.rules.shape import CONSTANT_OPS
 from lipcert.bounds.backward.symbolic import SymbolicRemainders
@@ -114,6 +114,7 @@ class Intervals:
         self._centre: Tensor | None = None
         self._norms: dict[str, Tensor] = {}
         self._sids: dict[str, Tensor | None] = {}
+        self.jacobians: ForwardJacobians | None = None
         self.symbolic: SymbolicRemainders | None = None
         self._symbolic_key: tuple[Tensor, Tensor] | None = None
 
@@ -121,8 +122,6 @@ class Intervals:
         """Centre Jacobian row norms and the sample of every element, for this batch."""
         if self._centre is not None and self._centre is center:
             return
-        self._norms = centre_jacobian_norms(self.graph, self.consts, self.prop.input_name,
-                                            center)
         zero = torch.zeros(center.shape[0], dtype=F64)
         res = self.prop.run(self.domain, center=center, radius=zero, ibp=False)
         sids: dict[str, Tensor | None] = {}
@@ -135,6 +134,9 @@ class Intervals:
                     sids[f"{node.name}.scores"] = sids[f"{node.name}.probs"] = inner
         self._sids = sids
         self._centre = center
+        self.jacobians = ForwardJacobians(self.graph, self.consts, self.prop.input_name, center,
+                                          self.batch_major)
+        self._norms = self.jacobians.input_norms()
 
     def batch_major(self, name: str) -> bool:
         """Whether dim 0 of the node is the sample (by the bound engine's sample ids)."""
@@ -155,7 +157,7 @@ class Intervals:
         self.symbolic = None
         env0 = self(center, torch.zeros(center.shape[0], dtype=F64))
         sym = SymbolicRemainders(self.graph, self.consts, self.prop.input_name, logits_name)
-        if not sym.prepare(center, labels, env0, self.batch_major):
+        if not sym.prepare(center, labels, env0, self.batch_major, self.jacobians):
             return False
         self.symbolic, self._symbolic_key = sym, (center, labels)
         return True

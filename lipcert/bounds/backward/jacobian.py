@@ -1,13 +1,24 @@
-"""Row norms of the exact Jacobian at the centre input, for the first-order part of the
-forward intervals.
+"""Row norms of exact Jacobians at the centre input, by forward-mode differentiation in
+float64: ‖∂y_e/∂x‖₂ of every node y (the first-order part of the forward intervals) and
+the gains ‖∂y_e/∂(row t of k)‖₂ of the symbolic remainders (``symbolic.py``).
 
-For every input-dependent node y and each of its elements, ‖∂y_e/∂x‖₂ at the centre x (the
-derivative with respect to the element's own sample; samples never mix), by forward-mode
-differentiation in float64: the graph is run once per chunk of input coordinates, each op's
-tangents pushed through ``torch.func.jvp`` (vectorised over the chunk with ``torch.vmap``),
-and the squares accumulated; a node's tangents are freed after its last use. Attention
-nodes also give the norms of their scores and probabilities (``<node>.scores``,
-``<node>.probs``), computed from the same decomposition the rules use.
+A pass seeds one tangent per source coordinate (all samples at once: samples never mix)
+and pushes the stack through the later ops (``tangents.push``), accumulating the squares
+of each recorded node's tangents. Attention nodes also give the norms of their scores and
+probabilities (``<node>.scores``, ``<node>.probs``).
+
+Compressed passes (derivation: docs/local-margin.md, "Cost"). The source's coordinates
+fall into units (its rows, or single coordinates); ``dependency.py`` finds which units
+every later element can depend on and colours the units so that, at the nodes before the
+first token-mixing op, no element depends on two units of one colour. One tangent then
+seeds coordinate c of every unit of a colour: by linearity it carries the sum of those
+units' columns, and at a node where no element depends on two of them each element holds
+exactly its own unit's entry. Such nodes are recorded from the compressed stack; where the
+graph mixes the units (attention), the stack is split back into one tangent per
+coordinate by masking each unit's elements at the last conflict-free nodes, and the rest
+of the graph runs as before. Only nodes whose dim 0 is the sample (``batch_major``) are
+read or split this way. A token-wise block of a ViT thus costs one tangent per coordinate
+of a row instead of one per coordinate of the sample.
 
 The result is a float64 evaluation; it is raised by the factor 1 + 1e-9 and by 1e-12 of the
 node's largest norm, which covers its rounding (relative errors of order 1e-15 per op)
@@ -16,251 +27,378 @@ under the same float model as the centre values.
 
 from __future__ import annotations
 
-import math
-import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.fx.node import map_arg
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
-REL = 1e-9
-# Runtime checks of an exported program (dtype and shape asserts): no value, and a float64
-# evaluation would fail their dtype checks, so the evaluators here skip them.
-RUNTIME_CHECKS = (
-    torch.ops.aten._assert_tensor_metadata, torch.ops.aten._assert_scalar,
-    torch.ops.aten.sym_constrain_range_for_size, torch.ops.aten._assert_async,
-    torch.ops.aten.sym_constrain_range,
+from lipcert.bounds.backward.dependency import (
+    Dep,
+    colouring,
+    conflict_free,
+    dependencies,
 )
+from lipcert.bounds.backward.evaluation import (
+    SDPA,
+    as_f64,
+    attention_parts_exact,
+    evaluable,
+    is_runtime_check,
+    node_values,
+)
+from lipcert.bounds.backward.tangents import push
+
+__all__ = [
+    "SDPA", "ForwardJacobians", "attention_parts_exact", "centre_jacobian_norms", "evaluable",
+    "is_runtime_check", "node_values", "row_gains",
+]
+
+REL = 1e-9
+BUDGET = 2**23  # the most elements of one node's tangent stack at a time
 
 
-def is_runtime_check(target: Any) -> bool:
-    return getattr(target, "overloadpacket", target) in RUNTIME_CHECKS
+class ForwardJacobians:
+    """Forward-mode Jacobian norms for one batch of centres ``x``: centre values computed
+    once, shared by every pass. ``batch_major(name)``: whether dim 0 of the node is the
+    sample (None: no compressed passes)."""
+
+    def __init__(self, graph: torch.fx.Graph, consts: dict[str, Any], input_name: str,
+                 x: Tensor, batch_major: Callable[[str], bool] | None = None,
+                 budget: int = BUDGET) -> None:
+        self.graph, self.input_name, self.budget = graph, input_name, budget
+        self.nodes = list(graph.nodes)
+        x = x.detach().to(torch.float64)
+        consts = as_f64(consts)
+        with torch.no_grad():
+            self.vals = node_values(graph, consts, input_name, x)
+            self.vals1 = _one_sample(graph, consts, input_name, x) if batch_major else None
+        self.batch_major = batch_major or (lambda name: False)
+        self.coeffs: dict[Any, Any] = {}
+
+    def input_norms(self) -> dict[str, Tensor]:
+        """``{node: ‖∂y_e/∂x‖₂ per element}`` for the input and every node depending on it,
+        attention nodes' scores and probabilities included."""
+        names = {nd.name for nd in self.nodes if nd.op == "call_function"}
+        sq = self._pass(self.input_name, 1, names | {self.input_name}, total=True)
+        return {name: _rounded_up(s.sqrt()) for name, s in sq.items()}
+
+    def row_gains(self, source: str, targets: set[str]) -> dict[str, Tensor]:
+        """``{target: G}`` with G[t, s, ...] = ‖∂y_e/∂(row t of the source)‖₂ at the centre
+        for every element e of sample s of each target node after ``source`` (a row: the
+        last dimension; the source's dim 0 is the batch)."""
+        width = self.vals[source].shape[-1]
+        sq = self._pass(source, width, targets, total=False)
+        return {name: _rounded_up(s.sqrt()) for name, s in sq.items() if name in targets}
+
+    def _pass(self, source: str, width: int, targets: set[str], total: bool
+              ) -> dict[str, Tensor]:
+        """Sums of squared tangents per recorded node: over all source coordinates
+        (``total``, shape of the node) or per unit of ``width`` coordinates (units first)."""
+        src = self.vals[source]
+        units = src[0].numel() // width
+        at = next(i for i, nd in enumerate(self.nodes) if nd.name == source)
+        stop = max((i for i, nd in enumerate(self.nodes) if nd.name in targets), default=at)
+        reach = {source}
+        chain = []
+        for nd in self.nodes[at + 1:stop + 1]:
+            if nd.op == "call_function" and not is_runtime_check(nd.target) and any(
+                    a.name in reach for a in nd.all_input_nodes):
+                reach.add(nd.name)
+                chain.append(nd)
+        room = max(1, self.budget // max([src.numel()] + [self._size(nd) for nd in chain]))
+        plan = _Plan(self, source, units, chain, targets, total, room)
+        rec = _Recorder(plan, total)
+        if total and source in targets:
+            rec.sq[source] = torch.ones_like(src)
+        chunk_c = max(1, min(width, room // plan.colours)) if plan.need_c else width
+        at_cut: list[Tensor] = []
+        for c0 in range(0, width, chunk_c):
+            cs = torch.arange(c0, min(width, c0 + chunk_c))
+            kept = self._compressed(plan, rec, src, cs) if plan.need_c else {}
+            if plan.cut is not None:
+                at_cut.append(kept[plan.cut])
+            elif plan.need_e:
+                step = max(1, room // len(cs))
+                for u0 in range(0, units, step):
+                    us = torch.arange(u0, min(units, u0 + step))
+                    tans = self._split(plan, src, cs, us, kept)
+                    self._expanded(plan, rec, tans, len(cs), us)
+        if plan.cut is not None:
+            stack = torch.cat([t.reshape(plan.colours, -1, *t.shape[1:]) for t in at_cut], 1)
+            step = max(1, room // plan.support)
+            for u0 in range(0, units, step):
+                us = torch.arange(u0, min(units, u0 + step))
+                tans = {plan.cut: _narrowed(stack, plan.deps[plan.cut], plan.colour, us,
+                                            plan.support)}
+                self._expanded(plan, rec, tans, plan.support, us)
+        return rec.sq
+
+    def _size(self, nd: torch.fx.Node) -> int:
+        """The largest tensor a node's tangents have per tangent (attention: its scores)."""
+        size = max((t.numel() for t in _leaves(self.vals[nd.name])), default=1)
+        if nd.target is SDPA:
+            q, k = self.vals[nd.args[0].name], self.vals[nd.args[1].name]
+            size = max(size, q[..., 0].numel() * k.shape[-2])
+        return size
+
+    def _compressed(self, plan: _Plan, rec: _Recorder, src: Tensor, cs: Tensor
+                    ) -> dict[str, Tensor]:
+        """The compressed stack through the nodes that need it; returns the stacks at the
+        nodes where the expanded tangents start (``plan.split``)."""
+        onehot = torch.nn.functional.one_hot(plan.colour, plan.colours).T.to(torch.float64)
+        tans: dict[str, Any] = {plan.source: _seed(onehot, cs, plan.width, src)}
+        kept: dict[str, Tensor] = {}
+        last = _last_uses(plan.chain, plan.need_c)
+        for i, nd in enumerate(plan.chain):
+            if nd.name not in plan.need_c:
+                continue
+            tans[nd.name] = self._push(nd, tans, rec, compressed=True, c=len(cs))
+            if nd.name in plan.split:
+                kept[nd.name] = tans[nd.name]
+            for a in nd.all_input_nodes:
+                if last.get(a.name) == i:
+                    tans.pop(a.name, None)
+        return kept
+
+    def _split(self, plan: _Plan, src: Tensor, cs: Tensor, us: Tensor,
+               kept: dict[str, Tensor]) -> dict[str, Any]:
+        """One tangent per coordinate (units ``us`` × coordinates ``cs``) at the source or
+        at the split points, from the compressed stacks."""
+        tans: dict[str, Any] = {}
+        if plan.source in plan.need_e:
+            eye = torch.zeros(len(us), plan.units, dtype=torch.float64)
+            eye[torch.arange(len(us)), us] = 1.0
+            tans[plan.source] = _seed(eye, cs, plan.width, src)
+        for name, stack in kept.items():
+            tans[name] = _split(stack, plan.deps[name], plan.colour, plan.colours, us)
+        return tans
+
+    def _expanded(self, plan: _Plan, rec: _Recorder, tans: dict[str, Any], c: int,
+                  us: Tensor) -> None:
+        """The per-unit tangents (``c`` per unit of ``us``) from ``tans`` through the nodes
+        that need them."""
+        run = {nd.name for nd in plan.chain if nd.name in plan.need_e and nd.name not in tans}
+        last = _last_uses(plan.chain, run)
+        for i, nd in enumerate(plan.chain):
+            if nd.name in run:
+                tans[nd.name] = self._push(nd, tans, rec, compressed=False, c=c, us=us)
+            for a in nd.all_input_nodes:
+                if last.get(a.name) == i:
+                    tans.pop(a.name, None)
+
+    def _push(self, nd: torch.fx.Node, tans: dict[str, Any], rec: _Recorder,
+              compressed: bool, c: int, us: Tensor | None = None) -> Any:
+        tan = push(nd, self.vals, tans, self.coeffs)
+        parts = {}
+        if nd.target is SDPA and isinstance(tan, list):
+            parts = {f"{nd.name}.scores": tan[1], f"{nd.name}.probs": tan[2]}
+            tan = tan[0]
+        readable = nd.name in rec.plan.readable
+        if nd.name in rec.plan.targets and tan is not None and readable == compressed:
+            if isinstance(tan, list):
+                parts.update({f"{nd.name}[{j}]": t for j, t in enumerate(tan)})
+            else:
+                parts[nd.name] = tan
+            for name, t in parts.items():
+                if isinstance(t, Tensor) and (name == nd.name or rec.total):
+                    rec.add(name, nd.name, t, compressed, c, us)
+        return tan
 
 
-def evaluable(target: Any) -> Any:
-    """The op to evaluate for ``target`` here: attention written out (the fused CPU kernel
-    has no forward-mode derivative), and view as reshape (the written-out attention's
-    output strides differ from the fused kernel's, which a later view may rely on)."""
-    if target is SDPA:
-        return attention_parts_exact
-    if target is torch.ops.aten.view.default:
-        return torch.ops.aten.reshape.default
-    return target
+class _Plan:
+    """Which nodes of one pass run compressed and which expanded, and where the expanded
+    tangents start: at the last conflict-free nodes before the mixing (``split``), or at
+    one node that every other recorded node is reached through (``cut``), whose units each
+    touch fewer elements (``support``) than they have coordinates (module docstring)."""
+
+    def __init__(self, jac: ForwardJacobians, source: str, units: int,
+                 chain: list[torch.fx.Node], targets: set[str], total: bool,
+                 room: int) -> None:
+        self.source, self.units, self.chain, self.targets = source, units, chain, targets
+        self.width = jac.vals[source][0].numel() // units
+        self.deps: dict[str, Dep] = {}
+        self.colour = torch.arange(units)
+        if jac.vals1 is not None and jac.batch_major(source):
+            self.deps = dependencies(chain, jac.vals1, source, units)
+            self.colour = colouring(self.deps, units)
+        self.colours = int(self.colour.max()) + 1
+        n = jac.vals[source].shape[0]
+        self.readable = {
+            nd.name for nd in chain
+            if self.colours < units and isinstance(self.deps.get(nd.name), Tensor)
+            and not (total and nd.target is SDPA)
+            and _fits(self.deps[nd.name], jac.vals[nd.name], n) and jac.batch_major(nd.name)
+            and conflict_free(self.deps[nd.name], self.colour, self.colours)}
+        reach = {source} | {nd.name for nd in chain}
+        inputs = {nd.name: {a.name for a in nd.all_input_nodes} & reach for nd in chain}
+        later = {t for t in targets & reach if t != source and t not in self.readable}
+        self.cut, self.support = None, self.width
+        if not total and later:
+            self._choose_cut(jac, chain, inputs, later, n, room)
+        self.need_c: set[str] = set()
+        self.need_e: set[str] = set()
+        self.split: set[str] = set() if self.cut is None else {self.cut}
+        if self.cut is not None:
+            self.need_c.add(self.cut)
+        for nd in reversed(chain):
+            name = nd.name
+            if name in targets:
+                (self.need_c if name in self.readable else self.need_e).add(name)
+            if name in self.need_e and name != self.cut:
+                if self.cut is None and name in self.readable:
+                    self.split.add(name)
+                    self.need_c.add(name)
+                else:
+                    self.need_e |= inputs[name]
+            if name in self.need_c:
+                self.need_c |= inputs[name]
+        self.need_e.discard(self.cut)
+
+    def _choose_cut(self, jac: ForwardJacobians, chain: list[torch.fx.Node],
+                    inputs: dict[str, set[str]], later: set[str], n: int, room: int) -> None:
+        """The last readable node that dominates every expanded target (each path from the
+        source to one passes through it), if its units touch fewer elements than they have
+        coordinates and its compressed stack for all coordinates fits in memory."""
+        dom: dict[str, set[str]] = {self.source: {self.source}}
+        for nd in chain:
+            ins = [dom[a] for a in inputs[nd.name]]
+            dom[nd.name] = {nd.name} | (set.intersection(*ins) if ins else set())
+        common = set.intersection(*(dom[t] for t in later)) & self.readable
+        for nd in reversed(chain):
+            if nd.name in common:
+                dep = self.deps[nd.name]
+                support = int(dep.reshape(self.units, -1).sum(1).max())
+                stack = self.colours * self.width * n * dep[0].numel()
+                if support < self.width and stack <= 4 * jac.budget and support <= room:
+                    self.cut, self.support = nd.name, support
+                return
 
 
-def attention_parts_exact(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
-                          dropout_p: float = 0.0, is_causal: bool = False, *,
-                          scale: float | None = None, enable_gqa: bool = False
-                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """(Y, S, P) of scaled_dot_product_attention written out: S = c·QKᵀ (+ mask),
-    P = softmax(S), Y = P V."""
-    c = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    s = c * (q @ k.transpose(-1, -2))
-    L, S = q.shape[-2], k.shape[-2]
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            s = s.masked_fill(~attn_mask, -math.inf)
+class _Recorder:
+    """Sums of squared tangents per recorded node."""
+
+    def __init__(self, plan: _Plan, total: bool) -> None:
+        self.plan, self.total = plan, total
+        self.sq: dict[str, Tensor] = {}
+
+    def add(self, name: str, node: str, t: Tensor, compressed: bool, c: int,
+            us: Tensor | None) -> None:
+        plan = self.plan
+        if self.total:
+            s = _square_sum(t, 1)[0]
+        elif compressed:
+            s = _square_sum(t, plan.colours)[plan.colour] * plan.deps[node]
         else:
-            s = s + attn_mask.to(s.dtype)
-    if is_causal:
-        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), -math.inf)
-    p = torch.softmax(s, dim=-1)
-    return p @ v, s, p
+            s = _square_sum(t, len(us))
+        if name not in self.sq:
+            shape = s.shape if self.total or compressed else (plan.units, *s.shape[1:])
+            self.sq[name] = torch.zeros(shape, dtype=torch.float64)
+        if self.total or compressed:
+            self.sq[name] += s
+        else:
+            self.sq[name].index_add_(0, us, s)
 
 
-def as_f64(tree: Any) -> Any:
-    """Every floating tensor in ``tree`` as float64: constants the program creates itself
-    (an empty cache, a float32 buffer) meet float64 values in ops such as cat."""
-    return tree_map(lambda t: t.to(torch.float64) if isinstance(t, Tensor)
-                    and t.is_floating_point() and t.dtype != torch.float64 else t, tree)
+def _square_sum(t: Tensor, groups: int) -> Tensor:
+    """Σ t² over each of ``groups`` equal consecutive blocks of dim 0 (one fused
+    multiply-add pass per block member: no squared copy of the whole stack)."""
+    blocks = t.reshape(groups, t.shape[0] // groups, *t.shape[1:])
+    acc = torch.zeros(groups, *t.shape[1:], dtype=t.dtype)
+    for i in range(blocks.shape[1]):
+        acc.addcmul_(blocks[:, i], blocks[:, i])
+    return acc
 
 
-def node_values(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor,
-                parts: list[Tensor] | None = None) -> dict[str, Any]:
-    """Every node's value at ``x`` in float64 (an attention node: its output; runtime checks:
-    None), differentiable if ``x`` requires grad; ``parts`` collects every tensor each op
-    returns, attention's scores and probabilities included (to size the chunks)."""
-    vals: dict[str, Any] = {}
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            vals[node.name] = x if node.name == input_name else consts[node.name]
-        elif node.op == "call_function" and is_runtime_check(node.target):
-            vals[node.name] = None
-        elif node.op == "call_function":
-            args, kwargs = as_f64((map_arg(node.args, lambda a: vals[a.name]),
-                                   map_arg(dict(node.kwargs), lambda a: vals[a.name])))
-            res = evaluable(node.target)(*args, **kwargs)
-            vals[node.name] = res[0] if node.target is SDPA else res
-            if parts is not None:
-                parts += [t for t in tree_flatten(res)[0] if isinstance(t, Tensor)]
-    return vals
+def _seed(rows: Tensor, cs: Tensor, width: int, src: Tensor) -> Tensor:
+    """Tangents (k·|cs|, n, …) seeding coordinate c ∈ cs of the units weighted by each of
+    the k rows of ``rows`` (k, units)."""
+    k, units = rows.shape
+    e = torch.zeros(len(cs), width, dtype=torch.float64)
+    e[torch.arange(len(cs)), cs] = 1.0
+    seed = rows[:, None, :, None] * e[None, :, None, :]  # (k, |cs|, units, width)
+    n = src.shape[0]
+    seed = seed.reshape(k * len(cs), 1, units * width).expand(-1, n, -1)
+    return seed.reshape(k * len(cs), *src.shape).contiguous()
 
 
-def _last_uses(graph: torch.fx.Graph) -> dict[str, int]:
+def _split(stack: Tensor, dep: Tensor, colour: Tensor, colours: int, us: Tensor) -> Tensor:
+    """One tangent per (unit in ``us``, coordinate) from the compressed stack (colour,
+    coordinate): each unit's colour's tangent on the elements that depend on the unit."""
+    c = stack.shape[0] // colours
+    per = stack.reshape(colours, c, *stack.shape[1:])[colour[us]]
+    out = per * dep[us].unsqueeze(1)
+    return out.reshape(len(us) * c, *stack.shape[1:])
+
+
+def _narrowed(stack: Tensor, dep: Tensor, colour: Tensor, us: Tensor, support: int
+              ) -> Tensor:
+    """``support`` tangents per unit of ``us`` at the cut, on the unit's own elements, with
+    the same Gram matrix as its W coordinates' tangents there: with T (W × support) a
+    unit's tangents on its elements (one sample), T = QR gives TᵀT = RᵀR, so the rows of R
+    give every later node the same sums of squares Σ_c (a·T_c)² = ‖Ta‖² = ‖Ra‖²."""
+    k = len(us)
+    flat = dep[us].reshape(k, -1)  # (units, elements of one sample)
+    # each unit's elements first, in order; padding positions point at element 0 with 0
+    order = torch.argsort((~flat).to(torch.int8), dim=1, stable=True)[:, :support]
+    valid = flat.gather(1, order)
+    t = stack[colour[us]].flatten(3)  # (units, W, n, elements)
+    own = t.gather(3, order[:, None, None, :].expand(-1, t.shape[1], t.shape[2], -1))
+    own = own * valid[:, None, None, :]
+    r = torch.linalg.qr(own.permute(0, 2, 1, 3), mode="r")[1]  # (units, n, support, support)
+    src = r.permute(0, 2, 1, 3) * valid[:, None, None, :]  # (units, row j, n, element)
+    out = torch.zeros(k, support, *t.shape[2:], dtype=t.dtype)
+    out.scatter_add_(3, order[:, None, None, :].expand(-1, support, t.shape[2], -1), src)
+    return out.reshape(k * support, *stack.shape[2:])
+
+
+def _fits(dep: Tensor, value: Any, n: int) -> bool:
+    return isinstance(value, Tensor) and dep.shape[1] == 1 and \
+        value.shape == (n, *dep.shape[2:])
+
+
+def _leaves(x: Any) -> list[Tensor]:
+    return [t for t in torch.utils._pytree.tree_flatten(x)[0] if isinstance(t, Tensor)]
+
+
+def _last_uses(chain: list[torch.fx.Node], names: set[str]) -> dict[str, int]:
+    """Position in ``chain`` of the last node among ``names`` that reads each node."""
     last: dict[str, int] = {}
-    for i, node in enumerate(graph.nodes):
-        for a in node.all_input_nodes:
-            last[a.name] = i
+    for i, nd in enumerate(chain):
+        if nd.name in names:
+            for a in nd.all_input_nodes:
+                last[a.name] = i
     return last
 
 
+def _one_sample(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor
+                ) -> dict[str, Any] | None:
+    """Every node's value on the first sample alone (for the dependency analysis), or None
+    where the program does not run on one sample (a fixed batch size)."""
+    try:
+        return node_values(graph, consts, input_name, x[:1])
+    except RuntimeError:
+        return None
+
+
+def _rounded_up(norm: Tensor) -> Tensor:
+    top = float(norm.max()) if norm.numel() else 0.0
+    return norm * (1 + REL) + 1e-12 * top + 1e-300
+
+
 def centre_jacobian_norms(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str,
-                          x: Tensor, budget: int = 2**23) -> dict[str, Tensor]:
+                          x: Tensor, budget: int = BUDGET,
+                          batch_major: Callable[[str], bool] | None = None
+                          ) -> dict[str, Tensor]:
     """``{node name: ‖∂y_e/∂x‖₂ per element}`` at the centre ``x`` (float64) for every node
-    that depends on the input (module docstring). ``budget``: the most elements of one
-    node's tangents at a time (sets the chunk of input coordinates per pass)."""
-    x = x.detach().to(torch.float64)
-    n = x.shape[0]
-    per = x[0].numel()
-    parts: list[Tensor] = []
-    with torch.no_grad():
-        node_values(graph, consts, input_name, x, parts)
-    biggest = max((t.numel() for t in parts), default=1)
-    chunk = max(1, min(per, budget // max(biggest, 1)))
-    sq: dict[str, Tensor] = {}
-    last = _last_uses(graph)
-    nodes = list(graph.nodes)
-    with torch.no_grad():
-        for start in range(0, per, chunk):
-            idx = torch.arange(start, min(per, start + chunk))
-            t = torch.zeros(len(idx), n, per, dtype=torch.float64)
-            t[torch.arange(len(idx)), :, idx] = 1.0
-            _run(nodes, consts, input_name, x, t.reshape(len(idx), *x.shape), last, sq)
-    out = {}
-    for name, s in sq.items():
-        norm = s.sqrt()
-        top = float(norm.max()) if norm.numel() else 0.0
-        out[name] = norm * (1 + REL) + 1e-12 * top + 1e-300
-    return out
+    that depends on the input (:meth:`ForwardJacobians.input_norms`)."""
+    return ForwardJacobians(graph, consts, input_name, x, batch_major, budget).input_norms()
 
 
-def _run(nodes: list[torch.fx.Node], consts: dict[str, Any], input_name: str, x: Tensor,
-         t_in: Tensor, last: dict[str, int], sq: dict[str, Tensor]) -> None:
-    vals: dict[str, Any] = {}
-    tans: dict[str, Any] = {}
+def row_gains(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor,
+              source: str, targets: set[str], budget: int = BUDGET,
+              batch_major: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
+    """:meth:`ForwardJacobians.row_gains` for one source."""
+    jac = ForwardJacobians(graph, consts, input_name, x, batch_major, budget)
+    return jac.row_gains(source, targets)
 
-    def record(name: str, tangent: Tensor) -> None:
-        s = tangent.square().sum(0)
-        sq[name] = s if name not in sq else sq[name] + s
-
-    for i, node in enumerate(nodes):
-        if node.op == "placeholder":
-            vals[node.name] = x if node.name == input_name else consts[node.name]
-            if node.name == input_name:
-                tans[node.name] = t_in
-                record(node.name, t_in)
-        elif node.op == "call_function":
-            _apply(node, vals, tans, record)
-        for a in node.all_input_nodes:
-            if last.get(a.name) == i:
-                tans.pop(a.name, None)
-
-
-def _apply(node: torch.fx.Node, vals: dict[str, Any], tans: dict[str, Any],
-           record: Callable[[str, Tensor], None]) -> None:
-    if is_runtime_check(node.target):
-        vals[node.name] = None
-        return
-    args, kwargs = as_f64((map_arg(node.args, lambda a: vals[a.name]),
-                           map_arg(dict(node.kwargs), lambda a: vals[a.name])))
-    if node.target is operator.getitem and isinstance(args[0], list | tuple):
-        vals[node.name] = args[0][args[1]]
-        parent = tans.get(node.args[0].name)
-        if parent is not None and parent[args[1]] is not None:
-            tans[node.name] = parent[args[1]]
-            record(node.name, tans[node.name])
-        return
-    flat_nodes, spec = tree_flatten((tuple(node.args), dict(node.kwargs)))
-    flat_vals = tree_flatten((args, kwargs))[0]
-    live = [i for i, a in enumerate(flat_nodes)
-            if isinstance(a, torch.fx.Node) and tans.get(a.name) is not None]
-    target = evaluable(node.target)
-    plain = target(*args, **kwargs)
-    floating = [t for t in tree_flatten(plain)[0] if isinstance(t, Tensor)]
-    if not live or not floating or not all(t.is_floating_point() for t in floating):
-        vals[node.name] = plain[0] if node.target is SDPA else plain
-        return
-
-    def f(*ts: Tensor) -> Any:
-        new = list(flat_vals)
-        for i, t in zip(live, ts, strict=True):
-            new[i] = t
-        a, k = tree_unflatten(new, spec)
-        return target(*a, **k)
-
-    primals = tuple(flat_vals[i] for i in live)
-    tangents = tuple(tans[flat_nodes[i].name] for i in live)
-    out, tan = torch.vmap(lambda *ts: torch.func.jvp(f, primals, ts), out_dims=(None, 0))(
-        *tangents)
-    if node.target is SDPA:
-        vals[node.name] = out[0]
-        tans[node.name] = tan[0]
-        record(node.name, tan[0])
-        record(f"{node.name}.scores", tan[1])
-        record(f"{node.name}.probs", tan[2])
-        return
-    vals[node.name] = out
-    if isinstance(out, Tensor):
-        if out.is_floating_point():
-            tans[node.name] = tan
-            record(node.name, tan)
-    elif isinstance(out, list | tuple):
-        tans[node.name] = list(tan)
-        for j, tj in enumerate(tan):
-            if isinstance(tj, Tensor):
-                record(f"{node.name}[{j}]", tj)
-
-
-def row_gains(graph: torch.fx.Graph, vals: dict[str, Any], source: str, targets: set[str],
-              budget: int = 2**23) -> dict[str, Tensor]:
-    """``{target: G}`` with G[t, s, ...] = ‖∂y_e/∂(row t of the source)‖₂ at the centre, for
-    every element e of sample s of each target node y after ``source`` (a row: the last
-    dimension; the source's dim 0 is the batch and samples never mix). Forward mode from the
-    source, one pass per chunk of its per-sample coordinates (``vals``: centre values from
-    :func:`node_values`); rounded up like :func:`centre_jacobian_norms`."""
-    out = vals[source]
-    n, width = out.shape[0], out.shape[-1]
-    per = out[0].numel()
-    nodes = list(graph.nodes)
-    start_at = next(i for i, nd in enumerate(nodes) if nd.name == source) + 1
-    stop_at = max((i for i, nd in enumerate(nodes) if nd.name in targets), default=-1) + 1
-    nodes = nodes[:stop_at]  # nothing after the last target is needed
-    later = [nd for nd in nodes[start_at:] if nd.op == "call_function"]
-    sizes = [t.numel() for nd in later for t in tree_flatten(vals[nd.name])[0]
-             if isinstance(t, Tensor)]
-    chunk = max(1, min(per, budget // max(max(sizes, default=1), 1)))
-    sq: dict[str, Tensor] = {}
-    rows: Tensor = torch.zeros(0, dtype=torch.long)
-
-    def record(name: str, tangent: Tensor) -> None:
-        if name in targets:
-            if name not in sq:
-                sq[name] = torch.zeros(per // width, *tangent.shape[1:], dtype=torch.float64)
-            sq[name].index_add_(0, rows, tangent.square())
-
-    last = _last_uses(graph)
-    with torch.no_grad():
-        for first in range(0, per, chunk):
-            idx = torch.arange(first, min(per, first + chunk))
-            rows = idx // width
-            t = torch.zeros(len(idx), n, per, dtype=torch.float64)
-            t[torch.arange(len(idx)), :, idx] = 1.0
-            tans: dict[str, Any] = {source: t.reshape(len(idx), *out.shape)}
-            local = dict(vals)
-            for i, node in enumerate(nodes[start_at:], start=start_at):
-                if node.op == "call_function" and any(
-                        tans.get(a.name) is not None for a in node.all_input_nodes):
-                    _apply(node, local, tans, record)
-                for a in node.all_input_nodes:
-                    if last.get(a.name) == i:
-                        tans.pop(a.name, None)
-    result = {}
-    for name, s in sq.items():
-        norm = s.sqrt()
-        top = float(norm.max()) if norm.numel() else 0.0
-        result[name] = norm * (1 + REL) + 1e-12 * top + 1e-300
-    return result

@@ -49,6 +49,7 @@ from torch.export import ExportedProgram
 from lipcert.bounds import BoxDomain, Propagator, as_program
 from lipcert.bounds.backward.forward import Intervals, check_rules
 from lipcert.bounds.backward.interval import Box, Grad
+from lipcert.bounds.backward.search import grid_search
 from lipcert.bounds.backward.walk import walk
 from lipcert.bounds.state import F64, as_domain, gamma
 from lipcert.errors import LipcertError
@@ -76,6 +77,15 @@ class MarginBounds:
         by_gradient = self.margin > radius[:, None] * self.lipschitz
         return (by_gradient | (self.forward_margin > 0)).all(dim=1) & (radius >= 0)
 
+    def consumed(self, radius: Tensor) -> Tensor:
+        """(n,) ρ = max_j (1 − s_j/m_j), s_j the best lower bound of margin j over the ball
+        (gradient or forward test): the fraction of a margin the ball may use up; the test
+        passes iff ρ < 1 (for positive centre margins). Steers the radius search only."""
+        slack = torch.maximum(self.margin - radius[:, None] * self.lipschitz,
+                              self.forward_margin)
+        rho = torch.where(torch.isinf(self.margin), -math.inf, 1 - slack / self.margin)
+        return torch.nan_to_num(rho, nan=math.inf).amax(1)
+
 
 @dataclass
 class MarginRadii:
@@ -86,7 +96,7 @@ class MarginRadii:
     margin: Tensor  # z_y − max_{j≠y} z_j at the centre (float64 forward pass)
     pred: Tensor  # int64 argmax of the float64 logits
     gradient_bound: Tensor  # max_j L_j(x, 0): the margins' gradient norms at x (rounded up)
-    evaluations: int  # forward + backward passes per sample
+    evaluations: int  # forward + backward passes per sample (the most of any batch)
 
 
 class MarginCertifier:
@@ -204,13 +214,15 @@ class MarginCertifier:
         if bool(((labels < 0) | (labels >= classes)).any()):
             raise LipcertError(f"labels must lie in [0, {classes})")
         parts = []
+        evaluations = 0
         for a in range(0, inputs.shape[0], size):
             x, y = inputs[a:a + size], labels[a:a + size]
             k = x.shape[0]
             res = self._radii(_padded(x, fixed or k), _padded(y, fixed or k), steps)
             parts.append([getattr(res, f)[:k] for f in _FIELDS])
+            evaluations = max(evaluations, res.evaluations)
         return MarginRadii(*(torch.cat(column) for column in zip(*parts, strict=True)),
-                           evaluations=steps + 1)
+                           evaluations=evaluations)
 
     def _classes(self, x: Tensor) -> int:
         """The number of classes, from one plain forward pass (before the costly ones)."""
@@ -235,23 +247,21 @@ class MarginCertifier:
         correct = (pred == y.long()) & (b0.margin > 0).all(1)
         ratio = torch.where(first > 0, b0.margin / first, math.inf).amin(1)
         r_max = torch.where(correct, ratio, 0.0)
-        best = torch.where(correct & torch.isinf(r_max), math.inf, 0.0)
-        best_l = b0.lipschitz.amax(1)
         active = correct & torch.isfinite(r_max) & (r_max > 0)
-        lo, hi = r_max * SPAN, r_max.clone()
-        for _ in range(steps):
-            if not bool(active.any()):
-                break
-            mid = torch.where(active, (lo * hi).sqrt(), 0.0)
-            b = self.bounds(x, y, mid, first_order=first)
-            ok = active & b.certified(mid)
-            best = torch.where(ok, mid, best)
-            best_l = torch.where(ok, b.lipschitz.amax(1), best_l)
-            lo = torch.where(ok, mid, lo)
-            hi = torch.where(ok, hi, mid)
+
+        def evaluate(radius: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            b = self.bounds(x, y, radius, first_order=first)
+            rho = b.consumed(radius)
+            v = torch.where(rho > 0, torch.log(rho.clamp(min=1e-300)), -math.inf)
+            return b.certified(radius), v, b.lipschitz.amax(1)
+
+        best, best_l, evaluations = grid_search(evaluate, r_max, active, steps, SPAN,
+                                                b0.lipschitz.amax(1))
+        best = torch.where(correct & torch.isinf(r_max), math.inf, best)
         other = torch.where(torch.isinf(b0.margin), -math.inf, b0.logits)
         zy = b0.logits.gather(1, y.long()[:, None]).squeeze(1)
-        return MarginRadii(best, best_l, zy - other.amax(1), pred, first.amax(1), steps + 1)
+        return MarginRadii(best, best_l, zy - other.amax(1), pred, first.amax(1),
+                           evaluations + 1)
 
 
 _FIELDS = ("radius", "lipschitz", "margin", "pred", "gradient_bound")

@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from lipcert.bounds.backward.interval import TINY, Box, Grad
-from lipcert.bounds.backward.jacobian import node_values, row_gains
+from lipcert.bounds.backward.jacobian import ForwardJacobians, node_values
 from lipcert.bounds.state import F64, gamma
 
 aten = torch.ops.aten
@@ -63,7 +63,10 @@ _AFFINE = {
     aten.expand_as, aten.repeat, aten.index_select, aten.index, aten.repeat_interleave,
     aten.unfold, aten.diagonal, aten.pad, aten.mean, aten.sum, aten.add, aten.sub, aten.rsub,
     aten.neg, aten.linear, aten.conv1d, aten.conv2d, aten.convolution, aten.dropout,
-    aten.feature_dropout, aten.alpha_dropout,
+    aten.feature_dropout, aten.alpha_dropout, aten.avg_pool1d, aten.avg_pool2d,
+    aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d,
+    aten.adaptive_avg_pool3d, aten._adaptive_avg_pool2d, aten._adaptive_avg_pool3d,
+    aten._native_batch_norm_legit_no_training, aten.batch_norm,
 }
 # products: affine when at most one operand depends on the input (div: the divisor must not)
 _PRODUCTS = {aten.mul, aten.matmul, aten.mm, aten.bmm, aten.addmm, aten.baddbmm}
@@ -126,11 +129,12 @@ class SymbolicRemainders:
         self.input_grad: Tensor | None = None
 
     def prepare(self, center: Tensor, labels: Tensor | None, env0: dict[str, Any],
-                batch_major: Callable[[str], bool]) -> bool:
+                batch_major: Callable[[str], bool],
+                jacobians: ForwardJacobians | None = None) -> bool:
         """Classify the nodes from the forward intervals ``env0`` (any radius), compute the
         gains and (with ``labels``) the centre gradients of every margin; False (and
         :meth:`tighten` and :meth:`margin_terms` do nothing) where the model is outside the
-        method."""
+        method. ``jacobians``: the forward-mode engine already set up for ``center``."""
         self.ready = False
         self.grads = {}
         self.input_grad = None
@@ -143,6 +147,9 @@ class SymbolicRemainders:
                 if not batch_major(node.name):
                     return False
                 sources.append(node.name)
+            elif isinstance(out, list | tuple) and all(
+                    o.has_own for o in out if isinstance(o, Box)):
+                continue  # sort, max pooling: each output's own term enters at its getitem
             elif not is_affine(node, env0):
                 return False
         if sum(env0[k].value[0].numel() for k in sources) > MAX_COLUMNS:
@@ -153,13 +160,14 @@ class SymbolicRemainders:
                    and batch_major(a.name)}
         position = {nd.name: i for i, nd in enumerate(self.graph.nodes)}
         x = center.detach().to(F64)
-        with torch.no_grad():
-            vals = node_values(self.graph, self.consts, self.input_name, x)
+        if jacobians is None:
+            jacobians = ForwardJacobians(self.graph, self.consts, self.input_name, x,
+                                         batch_major)
         gains: dict[tuple[str, str], Tensor] = {}
         for k in sources:
             later = {t for t in targets if position[t] > position[k]}
             if later:
-                for t, g in row_gains(self.graph, vals, k, later).items():
+                for t, g in jacobians.row_gains(k, later).items():
                     gains[(t, k)] = g
         # the sources upstream of each target; a target one of them misses (no gains) is
         # left as it is

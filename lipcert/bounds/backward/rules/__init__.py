@@ -3,9 +3,12 @@
 from lipcert.bounds.backward.rules import (  # noqa: F401
     arithmetic,
     attention,
+    batch_norm,
     custom,
     linear,
     norm,
+    order,
     pointwise,
+    pooling,
     shape,
 )

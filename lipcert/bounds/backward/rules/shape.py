@@ -152,6 +152,20 @@ def _apply_parts(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], par
     return target(*a, **k)
 
 
+def _zero_fill(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments of a constant pad with the fill value set to 0 (a filled element is
+    the same constant at every point, so its remainder is 0); other ops' as they are."""
+    op = getattr(target, "overloadpacket", target)
+    if op is aten.constant_pad_nd:
+        return args[:2], {"value": 0.0}
+    if op is aten.pad:
+        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+        if mode == "constant":
+            return args[:2], {"mode": "constant", "value": 0.0}
+    return args, kwargs
+
+
 def _ids_like(x: Any, offset: int) -> Any:
     if isinstance(x, Box):
         return torch.arange(offset, offset + x.value.numel()).reshape(x.shape)
@@ -193,8 +207,8 @@ def row_sources(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 def apply_to_box(ctx: FwdCtx, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The op applied to the centre values, to both interval ends and to both remainder ends:
-    exact for an op that moves or copies elements (or fills constants; the remainder is then
-    dropped, since a fill is not 0). A per-sample deviation carries over when
+    exact for an op that moves or copies elements or fills constants (a filled element's
+    remainder is 0: :func:`_zero_fill`). A per-sample deviation carries over when
     :func:`keeps_batch` says so; a row's deviation is at most the ℓ2 sum of the deviations of
     the distinct rows it draws elements from (:func:`row_sources`, cached per node)."""
     target = evaluable(ctx.target)  # view as reshape: the parts' strides are our own
@@ -219,10 +233,10 @@ def apply_to_box(ctx: FwdCtx, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
                     * (1 + gamma(value.shape[-1] + 2))).sqrt()
 
     e_lo = e_hi = None
-    fills = getattr(target, "overloadpacket", target) in (aten.pad, aten.constant_pad_nd)
-    if all(b.has_e for b in boxes) and not fills:
-        e_lo = _apply_parts(target, args, kwargs, "e_lo")
-        e_hi = _apply_parts(target, args, kwargs, "e_hi")
+    if all(b.has_e for b in boxes):
+        e_args, e_kwargs = _zero_fill(target, args, kwargs)
+        e_lo = _apply_parts(target, e_args, e_kwargs, "e_lo")
+        e_hi = _apply_parts(target, e_args, e_kwargs, "e_hi")
 
     def make(v: Tensor, low: Tensor, high: Tensor, r: Tensor | None, el: Any, eh: Any) -> Box:
         keep = single and keeps_batch(target, boxes[0], v, args)
