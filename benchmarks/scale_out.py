@@ -31,8 +31,9 @@ and, for a quick look at the norms alone on a smaller model,
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_out.py --only norms --blocks 8
 
-Writes ``summary.json`` under ``--out`` (default ``runs/scale-out``), reusing the trained
-run and the exported ``.pt2`` found there.
+``--run DIR`` attacks another run (the demo's ``vit-mnist-standard``, say) instead of the
+tiny one. Writes ``summary.json`` under ``--out`` (default ``runs/scale-out``), reusing the
+trained run and the exported ``.pt2`` found there.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def _launch(procs: int, argv: list[str]) -> list[str]:
             f"--nproc-per-node={procs}", *argv]
 
 
-def _prepare(out: Path, context: int, blocks: int, jobs: tuple[str, ...]) -> tuple[Path, Path]:
-    run = out / "vit"
+def _prepare(out: Path, context: int, blocks: int, jobs: tuple[str, ...],
+             run: Path | None) -> tuple[Path, Path]:
+    run = run or out / "vit"
     pt2 = out / ("gpt2-medium.pt2" if (blocks, context) == (24, 16)
                  else f"gpt2-medium-{blocks}-blocks-{context}-tokens.pt2")
     if "attack" in jobs and not (run / "model.safetensors").exists():
@@ -161,6 +163,9 @@ def main() -> None:
                         help="blocks of the GPT-2-medium-shaped model (fewer: a quicker check)")
     parser.add_argument("--only", choices=("attack", "norms"), default=None,
                         help="run one of the two benchmarks")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="attack this run directory instead of the tiny ViT trained "
+                             "here (a larger model: more work per process)")
     parser.add_argument("--out", type=Path, default=Path("runs/scale-out"))
     parser.add_argument("--norms-worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,7 +174,7 @@ def main() -> None:
         return
     jobs = ("attack", "norms") if args.only is None else (args.only,)
     args.out.mkdir(parents=True, exist_ok=True)
-    run, pt2 = _prepare(args.out, args.context, args.blocks, jobs)
+    run, pt2 = _prepare(args.out, args.context, args.blocks, jobs, args.run)
     attack_s: dict[int, list[float]] = {1: [], 2: []}
     attack_cpu_s: dict[int, list[float]] = {1: [], 2: []}
     norms: dict[int, list[dict[str, float]]] = {1: [], 2: []}
@@ -195,7 +200,7 @@ def main() -> None:
         if "attack" in jobs and ((args.out / "attacks-1.csv").read_bytes()
                                  != (args.out / "attacks-2.csv").read_bytes()):
             raise SystemExit("the attack CSVs of 1 and 2 processes differ")
-    summary: dict[str, object] = {"n": args.n, "repeats": args.repeats,
+    summary: dict[str, object] = {"n": args.n, "repeats": args.repeats, "run": str(run),
                                   "context": args.context, "blocks": args.blocks}
     times = {"attack": attack_s,
              "norms": {p: [r["certify_s"] for r in rs] for p, rs in norms.items()}}
