@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("global", "local", "margin"), default="global",
                    help="global: one bound for the input domain; local: a bound per ball; "
                    "margin: local plus margin-gradient bounds with symbolic remainders "
-                   "(slower, several seconds per sample on the demo ViTs; each sample keeps "
+                   "(slower, about a second per sample on the demo ViTs; each sample keeps "
                    "its largest sound radius)")
     p.add_argument("--method", choices=("exact", "gram"), default="exact",
                    help="certified spectral norms: exact (float64 Gram eigenvalues, rounded "

@@ -151,7 +151,7 @@ def _schur_norm(target: Any, args: tuple[Any, ...], plane: tuple[int, ...]) -> f
     rows = target(ones, *args)
     (cols,) = torch.autograd.grad(rows.sum(), ones)
     k = max(1, math.prod(plane))
-    return math.sqrt(float(rows.max()) * float(cols.max())) * (1 + gamma(k + 4))
+    return math.sqrt(float(rows.detach().max()) * float(cols.max())) * (1 + gamma(k + 4))
 
 
 @forward_rule(*AVG_POOLS)
