@@ -13,7 +13,7 @@ case "$cmd" in
         ;;
     test)
         bash scripts/setup.sh
-        # Two workers: the suite takes about 10 minutes on 2 cores (pass -n 0 to run serially).
+        # Two workers: the suite takes about 5 minutes on 2 quiet cores (pass -n 0 to run serially).
         exec .venv/bin/python -m pytest -n 2 "$@"
         ;;
     *)
