@@ -85,6 +85,8 @@ def _launch(procs: int, argv: list[str]) -> list[str]:
 
 def _prepare(out: Path, context: int, blocks: int, jobs: tuple[str, ...],
              run: Path | None) -> tuple[Path, Path]:
+    if run is not None and "attack" in jobs and not (run / "model.safetensors").exists():
+        raise SystemExit(f"--run {run}: no trained run there (model.safetensors)")
     run = run or out / "vit"
     pt2 = out / ("gpt2-medium.pt2" if (blocks, context) == (24, 16)
                  else f"gpt2-medium-{blocks}-blocks-{context}-tokens.pt2")

@@ -126,26 +126,29 @@ def test_zero_radius_bound_is_the_gradient_norm(models: dict[str, nn.Module],
         torch.testing.assert_close(b.lipschitz[:, j], expected, rtol=1e-6, atol=1e-9)
 
 
+class _Encoder(nn.Module):
+    """A pre-LN nn.TransformerEncoder classifier (its export folds the batch into the
+    heads dimension, so several nodes are not batch-major)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(49, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        p = x.reshape(b, 1, 4, 7, 4, 7).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, 49)
+        return self.head(self.enc(self.embed(p)).mean(1))
+
+
 def test_transformer_encoder_classifier(mnist: tuple[Tensor, Tensor]) -> None:
     """nn.TransformerEncoder (pre-LN, batch first): its exported graph moves the batch into
     the heads dimension; certificates still hold against PGD."""
     torch.manual_seed(0)
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Linear(49, 16)
-            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
-                                               norm_first=True, activation="gelu")
-            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
-            self.head = nn.Linear(16, 10)
-
-        def forward(self, x: Tensor) -> Tensor:
-            b = x.shape[0]
-            p = x.reshape(b, 1, 4, 7, 4, 7).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, 49)
-            return self.head(self.enc(self.embed(p)).mean(1))
-
-    net = Net().eval()
+    net = _Encoder().eval()
     x, _ = mnist
     with torch.no_grad():
         y = net(x).argmax(1)
@@ -336,24 +339,6 @@ def test_symbolic_remainders_widen_the_radii(models: dict[str, nn.Module],
 # (``search.py``) only change how fast the same numbers are found.
 
 
-class _Encoder(nn.Module):
-    """A pre-LN nn.TransformerEncoder classifier (its export folds the batch into the
-    heads dimension, so several nodes are not batch-major)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(49, 16)
-        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
-                                           norm_first=True, activation="gelu")
-        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b = x.shape[0]
-        p = x.reshape(b, 1, 4, 7, 4, 7).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, 49)
-        return self.head(self.enc(self.embed(p)).mean(1))
-
-
 def _gains_both_ways(program: object, x: Tensor, y: Tensor) -> tuple[dict, dict, dict, dict]:
     """Centre input norms and symbolic-remainder gains from the compressed passes (as
     certification runs them) and from plain passes (one tangent per coordinate)."""
@@ -374,7 +359,8 @@ def _gains_both_ways(program: object, x: Tensor, y: Tensor) -> tuple[dict, dict,
 @pytest.mark.parametrize("family", ["standard", "lipschitz", "encoder"])
 def test_compressed_jacobians_equal_plain_ones(models: dict[str, nn.Module],
                                                mnist: tuple[Tensor, Tensor],
-                                               family: str) -> None:
+                                               family: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Tangents shared by the units of one colour, split back at the mixing ops or
     narrowed at a cut, give the same centre Jacobian norms and gains as one tangent per
     coordinate (float64 rounding only), and the passes do share tangents."""
@@ -395,11 +381,9 @@ def test_compressed_jacobians_equal_plain_ones(models: dict[str, nn.Module],
         original(plan, *args)
         shared.append(plan.colours < plan.units)
 
-    jacobian._Plan.__init__ = record
-    try:
-        fast_norms, plain_norms, fast_gains, plain_gains = _gains_both_ways(program, x, y)
-    finally:
-        jacobian._Plan.__init__ = original
+    monkeypatch.setattr(jacobian._Plan, "__init__", record)
+    fast_norms, plain_norms, fast_gains, plain_gains = _gains_both_ways(program, x, y)
+    monkeypatch.undo()
     assert any(shared), "no pass shared tangents"
     assert fast_norms.keys() == plain_norms.keys()
     for name, norm in plain_norms.items():

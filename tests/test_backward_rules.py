@@ -37,8 +37,9 @@ from torch.utils._pytree import tree_map
 import lipcert.models.ops  # noqa: F401  (the lipcert custom ops)
 from lipcert.bounds import BoxDomain
 from lipcert.bounds.backward import Box, Grad
+from lipcert.bounds.backward.evaluation import SDPA, attention_parts_exact
 from lipcert.bounds.backward.forward import forward_node, input_box
-from lipcert.bounds.backward.jacobian import SDPA, attention_parts_exact, centre_jacobian_norms
+from lipcert.bounds.backward.jacobian import centre_jacobian_norms
 from lipcert.bounds.backward.registry import FwdCtx
 from lipcert.bounds.backward.symbolic import SymbolicRemainders
 from lipcert.bounds.backward.walk import walk

@@ -86,7 +86,7 @@ def test_every_verb_has_one_command_module() -> None:
     for verb, sub in verbs.items():
         module = importlib.import_module(f"lipcert.commands.{verb}")
         assert sub.get_default("handler") is module.run
-    assert "15 minutes" in verbs["demo"].description
+    assert "7 minutes" in verbs["demo"].description
     assert commands.__doc__ and "add_parser" in commands.__doc__
 
 

@@ -22,11 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``demo``: the output directory, the sample counts and the training budget."""
     p = sub.add_parser(
         "demo",
-        help="the whole pipeline on MNIST: train, certify, attack, report (~15 min)",
+        help="the whole pipeline on MNIST: train, certify, attack, report (~7 min)",
         description="The whole pipeline on the embedded MNIST data. Trains three ViTs (the "
         "paper's Lipschitz family, a standard pre-LN ViT and the certified family) within a "
         "wall-clock training budget, certifies and attacks them, and writes "
-        "OUT_DIR/report/report.html. With the defaults it takes about 15 minutes on 2 CPU "
+        "OUT_DIR/report/report.html. With the defaults it takes about 7 minutes on 2 CPU "
         "cores: 4 of training, the rest certifying and attacking.",
     )
     # Defaults are DemoSettings' own (None here), so that --help need not import the demo.

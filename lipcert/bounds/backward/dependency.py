@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 import lipcert.models.ops  # noqa: F401  (registers the torch.ops.lipcert operators)
-from lipcert.bounds.backward.evaluation import evaluable, is_runtime_check
+from lipcert.bounds.backward.evaluation import evaluable, is_runtime_check, of_arguments
 
 aten = torch.ops.aten
 MAX_ELEMENTS = 2**26  # the largest dependency tensor (units × elements of one sample)
@@ -126,15 +126,7 @@ def _linear_map(node: torch.fx.Node, deps: dict[str, Dep], vals1: dict[str, Any]
     values = [vals1[a.name] if isinstance(a, torch.fx.Node) else a for a in flat]
     values = [torch.zeros(v.shape, dtype=kind) if isinstance(v, Tensor) and i not in live
               else v for i, v in enumerate(values)]
-    target = evaluable(node.target)
-
-    def f(*ds: Tensor) -> Any:
-        new = list(values)
-        for i, d in zip(live, ds, strict=True):
-            new[i] = d
-        a, k = tree_unflatten(new, spec)
-        return target(*a, **k)
-
+    f = of_arguments(evaluable(node.target), values, spec, live)
     out = torch.vmap(f)(*(deps[flat[i].name].to(kind) for i in live))
     if as_numbers:
         out = tree_map(lambda t: t > 0 if isinstance(t, Tensor) else t, out)

@@ -28,8 +28,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import lipcert.bounds.backward.rules  # noqa: F401  (registers the rules)
 from lipcert.bounds import Bound, BoxDomain, EmbeddingDomain, Propagator
+from lipcert.bounds.backward.evaluation import SDPA, is_runtime_check
 from lipcert.bounds.backward.interval import TINY, Box, row_norm
-from lipcert.bounds.backward.jacobian import SDPA, ForwardJacobians, is_runtime_check
+from lipcert.bounds.backward.jacobian import ForwardJacobians
 from lipcert.bounds.backward.registry import FwdCtx, lookup_backward, lookup_forward
 from lipcert.bounds.backward.rules.shape import CONSTANT_OPS
 from lipcert.bounds.backward.symbolic import SymbolicRemainders

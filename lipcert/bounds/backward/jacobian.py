@@ -39,20 +39,8 @@ from lipcert.bounds.backward.dependency import (
     conflict_free,
     dependencies,
 )
-from lipcert.bounds.backward.evaluation import (
-    SDPA,
-    as_f64,
-    attention_parts_exact,
-    evaluable,
-    is_runtime_check,
-    node_values,
-)
+from lipcert.bounds.backward.evaluation import SDPA, as_f64, is_runtime_check, node_values
 from lipcert.bounds.backward.tangents import push
-
-__all__ = [
-    "SDPA", "ForwardJacobians", "attention_parts_exact", "centre_jacobian_norms", "evaluable",
-    "is_runtime_check", "node_values", "row_gains",
-]
 
 REL = 1e-9
 BUDGET = 2**23  # the most elements of one node's tangent stack at a time
@@ -393,12 +381,4 @@ def centre_jacobian_norms(graph: torch.fx.Graph, consts: dict[str, Any], input_n
     """``{node name: ‖∂y_e/∂x‖₂ per element}`` at the centre ``x`` (float64) for every node
     that depends on the input (:meth:`ForwardJacobians.input_norms`)."""
     return ForwardJacobians(graph, consts, input_name, x, batch_major, budget).input_norms()
-
-
-def row_gains(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor,
-              source: str, targets: set[str], budget: int = BUDGET,
-              batch_major: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
-    """:meth:`ForwardJacobians.row_gains` for one source."""
-    jac = ForwardJacobians(graph, consts, input_name, x, batch_major, budget)
-    return jac.row_gains(source, targets)
 

@@ -14,7 +14,7 @@ enclosure by a factor 3 to 20 per matrix; here each R_k is taken in absolute val
 
 * Intervals. For the inputs of the non-affine ops ("targets"), Cauchy–Schwarz per row
   (the last dimension) of R_k gives |(M_{y←k}R_k)_e| ≤ Σ_t ‖∂y_e/∂(row t of k)‖₂·‖R_k,t‖₂.
-  The gains ‖∂y_e/∂(row t)‖₂ depend on the centre only (``jacobian.row_gains``, once per
+  The gains ‖∂y_e/∂(row t)‖₂ depend on the centre only (``ForwardJacobians.row_gains``, once per
   batch); the walk intersects each target's remainder with ±Σ (plus its own term), which
   narrows the intervals every later R_k is computed from.
 * Margins. With g_k = ∂m_j/∂(output of k) at the centre (reverse mode, once per batch),
@@ -44,8 +44,9 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
+from lipcert.bounds.backward.evaluation import node_values
 from lipcert.bounds.backward.interval import TINY, Box, Grad
-from lipcert.bounds.backward.jacobian import ForwardJacobians, node_values
+from lipcert.bounds.backward.jacobian import ForwardJacobians
 from lipcert.bounds.state import F64, gamma
 
 aten = torch.ops.aten

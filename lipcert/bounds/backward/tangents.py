@@ -34,7 +34,13 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lipcert.bounds.backward.dependency import MOVES, PRODUCTS, SUMS, is_pointwise, packet
-from lipcert.bounds.backward.evaluation import SDPA, as_f64, attention_parts_exact, evaluable
+from lipcert.bounds.backward.evaluation import (
+    SDPA,
+    as_f64,
+    attention_parts_exact,
+    evaluable,
+    of_arguments,
+)
 
 aten = torch.ops.aten
 
@@ -65,16 +71,7 @@ def push(node: torch.fx.Node, vals: dict[str, Any], tans: dict[str, Any],
 
 def _call(node: torch.fx.Node, flat_vals: list[Any], spec: Any, live: list[int]) -> Any:
     """The op as a function of its tangent-carrying arguments (the others fixed)."""
-    target = evaluable(node.target)
-
-    def f(*ts: Tensor) -> Any:
-        new = list(flat_vals)
-        for i, t in zip(live, ts, strict=True):
-            new[i] = t
-        a, k = tree_unflatten(new, spec)
-        return target(*a, **k)
-
-    return f
+    return of_arguments(evaluable(node.target), flat_vals, spec, live)
 
 
 def _shortcut(node: torch.fx.Node, flat_vals: list[Any], spec: Any, live: list[int],

@@ -14,17 +14,20 @@ from lipcert.bounds.state import F64, Bound, Ctx, Opaque, gamma, reduce_sid
 aten = torch.ops.aten
 
 
-def _nd(target: Any) -> int:
+def pooled_dims(target: Any) -> int:
+    """How many trailing dimensions a pooling op pools (from its name: 1d, 2d or 3d)."""
     name = target.overloadpacket.__name__
     return 3 if "3d" in name else 2 if "2d" in name else 1
 
 
-def _tuple(v: Any, n: int, default: Any) -> list[int]:
+def per_dim(v: Any, n: int, default: Any) -> list[int]:
+    """A pooling size argument (an int, one value, n values, or empty/None for
+    ``default``) as n ints."""
     if v is None or (isinstance(v, list | tuple) and len(v) == 0):
         v = default
     if isinstance(v, int):
         return [v] * n
-    v = list(v)
+    v = [int(i) for i in v]
     return v * n if len(v) == 1 else v
 
 
@@ -71,17 +74,17 @@ def max_pool(
     exactly for the actual sizes), so ‖ΔY‖² ≤ c·‖ΔX‖²: lip ≤ √c·lip_x, and likewise
     ‖Y‖ ≤ √c·‖X‖. Max is increasing in each argument: Y ∈ [pool(lo), pool(hi)]."""
     target = ctx.node.target
-    nd = _nd(target)
+    nd = pooled_dims(target)
     with_idx = "with_indices" in target.overloadpacket.__name__
     args = (kernel_size, stride if stride is not None else [], padding, dilation, ceil_mode)
     lo = target(x.lo, *args)
     hi = target(x.hi, *args)
     if with_idx:
         lo, hi = lo[0], hi[0]
-    k = _tuple(kernel_size, nd, 1)
-    s = _tuple(stride, nd, k)
-    p = _tuple(padding, nd, 0)
-    d = _tuple(dilation, nd, 1)
+    k = per_dim(kernel_size, nd, 1)
+    s = per_dim(stride, nd, k)
+    p = per_dim(padding, nd, 0)
+    d = per_dim(dilation, nd, 1)
     c = 1
     for i in range(nd):
         c *= window_multiplicity(
@@ -125,7 +128,7 @@ def avg_pool(ctx: Ctx, x: Bound, *args: Any) -> Bound:
     sum) (Schur test; computed for the actual sizes, padding and divisor), so
     lip ≤ ‖A‖·lip_x and ‖Y‖ ≤ ‖A‖·‖X‖; Y ∈ [A·lo, A·hi] (widened by γ for rounding)."""
     target = ctx.node.target
-    nd = _nd(target)
+    nd = pooled_dims(target)
     spatial = tuple(x.shape[-nd:])
     f = ctx.cached(ctx.shape_cache, (*ctx.key("avgpool"), spatial), lambda: _avg_norm(
         target, args, spatial

@@ -20,29 +20,22 @@ from torch import Tensor
 
 from lipcert.bounds.backward.interval import TINY, Box, Grad, iv_times, mul
 from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
-from lipcert.bounds.state import F64
+from lipcert.bounds.backward.rules.norm import constant
 from lipcert.errors import LipcertError
 
 aten = torch.ops.aten
 U = 2.0**-53
 
 
-def _const(t: Any, what: str) -> Tensor | None:
-    if t is None:
-        return None
-    if isinstance(t, Box):
-        raise LipcertError(f"batch norm with a {what} that depends on the model input")
-    return torch.as_tensor(t, dtype=F64)
-
-
 def coefficients(x: Box, weight: Any, bias: Any, mean: Any, var: Any, eps: float
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(μ, a_c, a_r, β), each shaped to broadcast against x along its channel dimension."""
-    mu, v = _const(mean, "running mean"), _const(var, "running variance")
+    mu = constant(mean, "a batch norm running mean")
+    v = constant(var, "a batch norm running variance")
     if mu is None or v is None:
         raise LipcertError("batch norm without running statistics normalises over the batch, "
                            "which mixes samples: put the model in eval mode")
-    g, b = _const(weight, "weight"), _const(bias, "bias")
+    g, b = constant(weight, "a batch norm weight"), constant(bias, "a batch norm bias")
     a = 1.0 / torch.sqrt(v + float(eps))
     if g is not None:
         a = a * g

@@ -37,7 +37,9 @@ from lipcert.errors import LipcertError
 aten = torch.ops.aten
 
 
-def _const(x: Any, what: str) -> Tensor | None:
+def constant(x: Any, what: str) -> Tensor | None:
+    """A constant argument as a float64 tensor (None stays None); ``what`` names it in the
+    error for one that depends on the model input."""
     if x is None:
         return None
     if isinstance(x, Box):
@@ -124,8 +126,8 @@ def norm_backward(g: Grad, x: Box, k: int, weight: Any, bias: Any, eps: float,
     """G_x = (g − [mean(g)] − t·ẑ)/s with g = γ ⊙ G_y, t = ⟨g, ẑ⟩/d (module docstring)."""
     norm_shape = x.shape[x.dim() - k:]
     d = math.prod(norm_shape)
-    scale = _const(weight, "a normalisation weight")
-    shift = _const(bias, "a normalisation bias")
+    scale = constant(weight, "a normalisation weight")
+    shift = constant(bias, "a normalisation bias")
     scale = None if scale is None else scale.reshape(-1)
     shift = None if shift is None else shift.reshape(-1)
     s_lo, s_hi, zc, zr = normalised(x, k, eps, centred, out, scale, shift)
@@ -182,8 +184,8 @@ def norm_forward(x: Box, k: int, weight: Any, bias: Any, eps: float, centred: bo
     ∇²g = −I/(d·s³) + 3uuᵀ/(d²·s⁵), so |ΔuᵀΔ²gΔu| ≤ 4‖Δu‖²/(d·s³) (‖u‖² ≤ d·s²). With
     D ≥ ‖Δu‖ and s ≥ s_lo on the set:
     |R_i| ≤ |Δu_i|·D/(√d·s_lo²) + |ẑ₀_i|·(s₀/s_lo)·2D²/(d·s_lo²) (second order)."""
-    scale = _const(weight, "a normalisation weight")
-    shift = _const(bias, "a normalisation bias")
+    scale = constant(weight, "a normalisation weight")
+    shift = constant(bias, "a normalisation bias")
     norm_shape = x.shape[x.dim() - k:]
     d = math.prod(norm_shape)
     s_lo, s_hi, zc, zr = normalised(x, k, eps, centred, None, None, None)

@@ -48,6 +48,7 @@ from lipcert.bounds.backward.interval import TINY, Box, Grad, mid_rad
 from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
 from lipcert.bounds.backward.rules.order import order_remainders
 from lipcert.bounds.backward.rules.shape import vjp_nonneg
+from lipcert.bounds.rules.pool import per_dim, pooled_dims
 from lipcert.bounds.rules.thirdparty import l2_norm_pool_op
 from lipcert.bounds.state import F64, gamma
 from lipcert.errors import LipcertError
@@ -60,20 +61,6 @@ MAX_POOLS = (aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool1d_
 AVG_POOLS = (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
              aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten._adaptive_avg_pool2d,
              aten._adaptive_avg_pool3d)
-
-
-def _nd(target: Any) -> int:
-    name = target.overloadpacket.__name__
-    return 3 if "3d" in name else 2 if "2d" in name else 1
-
-
-def _ints(v: Any, n: int, default: Any) -> list[int]:
-    if v is None or (isinstance(v, list | tuple) and len(v) == 0):
-        v = default
-    if isinstance(v, int):
-        return [v] * n
-    v = [int(i) for i in v]
-    return v * n if len(v) == 1 else v
 
 
 @dataclass(frozen=True)
@@ -159,7 +146,7 @@ def avg_pool_forward(ctx: FwdCtx, x: Box, *args: Any) -> Box:
     """Average pooling: the op applied to value, lo, hi and the remainder's ends, with
     rounding slack; the sample's deviation scaled by the Schur bound (module docstring)."""
     target = ctx.target
-    nd = _nd(target)
+    nd = pooled_dims(target)
     plane = tuple(x.shape[-nd:])
     slack_of = gamma(math.prod(plane) + 2)
     value = target(x.value, *args)
@@ -186,10 +173,10 @@ def avg_pool_(ctx: BackCtx, g: Grad, x: Box, *args: Any) -> tuple[Any, ...]:
 
 def _max_windows(target: Any, x_shape: torch.Size, out_shape: torch.Size,
                  kernel_size: Any, stride: Any, padding: Any, dilation: Any) -> Windows:
-    nd = _nd(target)
-    k = _ints(kernel_size, nd, 1)
-    return windows(tuple(x_shape[-nd:]), tuple(out_shape[-nd:]), k, _ints(stride, nd, k),
-                   _ints(padding, nd, 0), _ints(dilation, nd, 1))
+    nd = pooled_dims(target)
+    k = per_dim(kernel_size, nd, 1)
+    return windows(tuple(x_shape[-nd:]), tuple(out_shape[-nd:]), k, per_dim(stride, nd, k),
+                   per_dim(padding, nd, 0), per_dim(dilation, nd, 1))
 
 
 @forward_rule(*MAX_POOLS)
@@ -198,7 +185,7 @@ def max_pool_forward(ctx: FwdCtx, x: Box, kernel_size: Any, stride: Any = None,
     """Max pooling: [max lo, max hi] per window, the own and Taylor remainders of the top
     order statistic (``order.order_remainders``), ℓ2 deviation × √m (module docstring)."""
     target = ctx.target
-    nd = _nd(target)
+    nd = pooled_dims(target)
     args = (kernel_size, [] if stride is None else stride, padding, dilation, ceil_mode)
     out = target(x.value, *args)
     value = out[0] if isinstance(out, tuple) else out
@@ -231,7 +218,7 @@ def max_pool_(ctx: BackCtx, g: Any, x: Box, kernel_size: Any, stride: Any = None
     rest = (None,) * 5
     if gy is None:
         return (None, *rest)
-    nd = _nd(ctx.target)
+    nd = pooled_dims(ctx.target)
     out_shape = gy.shape[1:]
     w = _max_windows(ctx.target, x.shape, out_shape, kernel_size, stride, padding, dilation)
     lo = w.gather(x.lo, nd, -math.inf)
@@ -250,7 +237,7 @@ def _l2_windows(x_shape: torch.Size, out_shape: torch.Size, kernel_size: list[in
                 stride: list[int]) -> Windows:
     nd = len(kernel_size)
     k = [int(i) for i in kernel_size]
-    return windows(tuple(x_shape[-nd:]), tuple(out_shape[-nd:]), k, _ints(stride, nd, k),
+    return windows(tuple(x_shape[-nd:]), tuple(out_shape[-nd:]), k, per_dim(stride, nd, k),
                    [0] * nd, [1] * nd)
 
 

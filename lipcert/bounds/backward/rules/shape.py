@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lipcert.bounds.backward.evaluation import evaluable, of_arguments
 from lipcert.bounds.backward.interval import TINY, Box, Grad
-from lipcert.bounds.backward.jacobian import evaluable
 from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
 from lipcert.bounds.state import gamma
 from lipcert.errors import LipcertError
@@ -51,15 +51,8 @@ def vjp_nonneg(g: Any, args: tuple[Any, ...], kwargs: dict[str, Any], target: An
     if not idx:
         return tuple(None for _ in args)
 
-    def f(*ts: torch.Tensor) -> Any:
-        new = list(flat)
-        for i, t in zip(idx, ts, strict=True):
-            new[i] = t
-        a, k = tree_unflatten(new, spec)
-        return target(*a, **k)
-
     primals = [flat[i].value for i in idx]
-    out, vjp_fn = torch.func.vjp(f, *primals)
+    out, vjp_fn = torch.func.vjp(of_arguments(target, flat, spec, idx), *primals)
     outs, out_spec = tree_flatten(out)
     gs = g if isinstance(g, list | tuple) else [g]
     if len(gs) != len(outs):
