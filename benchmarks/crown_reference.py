@@ -14,6 +14,10 @@ certifies lo and does not certify hi. Writes ``crown.csv`` and ``crown.md`` unde
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/crown_reference.py \\
         runs/demo/vit-mnist-standard runs/demo/vit-mnist-lipschitz --n 5
 
+``--widths RADIUS`` prints instead, for test image ``--image``, the median interval width of
+each activation over the ball in lipcert's forward intervals and in CROWN's intermediate
+bounds: where the margin mode loses its radius.
+
 auto_LiRPA's only PyPI release (0.3, 2022) pins torch < 1.13, which has no wheel for this
 Python, so this script downloads that wheel (and its dependency appdirs) with pip into
 ``--cache``, unpacks it, and applies the five compatibility edits of ``COMPAT_EDITS`` for
@@ -161,7 +165,9 @@ class Crown:
                                     bound_opts={"conv_mode": "matrix"})
         self.calls: list[float] = []
 
-    def certifies(self, x: Tensor, label: int, eps: float) -> bool:
+    def margin_lower_bounds(self, x: Tensor, label: int, eps: float) -> Tensor:
+        """(1, 9) CROWN lower bounds of the margins; every intermediate node whose bounds
+        the relaxations needed keeps them in ``.lower`` / ``.upper``."""
         from auto_LiRPA import BoundedTensor, PerturbationLpNorm
 
         others = [j for j in range(10) if j != label]
@@ -175,6 +181,10 @@ class Crown:
             lower, _ = self.module.compute_bounds(x=(BoundedTensor(x, ball),), method="CROWN",
                                                   C=spec, bound_upper=False)
         self.calls.append(time.perf_counter() - start)
+        return lower
+
+    def certifies(self, x: Tensor, label: int, eps: float) -> bool:
+        lower = self.margin_lower_bounds(x, label, eps)
         return bool(torch.isfinite(lower).all() and (lower > 0).all())
 
     def radius_bracket(self, x: Tensor, label: int, start: float) -> tuple[float, float]:
@@ -228,18 +238,68 @@ def measure(run: Path, n: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def interval_widths(run: Path, image: int, radius: float) -> pd.DataFrame:
+    """Median interval width per activation over B₂(x, radius) ∩ [0, 1]ⁿ: lipcert's forward
+    intervals (Taylor models with symbolic remainders, as the margin mode uses them) beside
+    CROWN's intermediate bounds, for every CROWN-bounded node whose centre values match a
+    lipcert node's (same layout, to 1e-2: the tanh GELU)."""
+    from lipcert.bounds.backward.interval import Box
+    from lipcert.bounds.backward.margins import MarginCertifier
+
+    vit = lipcert.load(run).eval()
+    data = load_dataset("mnist")
+    x, y = data.x_test[image:image + 1], data.y_test[image:image + 1]
+    ours = MarginCertifier(export_model(vit), example=x)
+    ours.intervals.prepare_symbolic(x, y, ours.logits_name)
+    env = ours.intervals(x, torch.tensor([radius], dtype=torch.float64))
+    boxes = [(name, box) for name, box in env.items() if isinstance(box, Box)]
+    crown = Crown(CrownViT(vit).eval(), x)
+    with torch.no_grad():
+        crown.module(x)  # centre values of every node (a bound computation clears them)
+    centre = {name: node.forward_value for name, node in crown.module._modules.items()}
+    crown.margin_lower_bounds(x, int(y[0]), radius)
+    rows, used = [], set()
+    for name, node in crown.module._modules.items():
+        lo, hi, value = getattr(node, "lower", None), getattr(node, "upper", None), centre[name]
+        if not all(isinstance(t, Tensor) for t in (lo, hi, value)) or bool((hi == lo).all()):
+            continue
+        match = next((name for name, box in boxes if name not in used
+                      and box.value.numel() == value.numel()
+                      and torch.allclose(box.value.flatten(), value.double().flatten(),
+                                         atol=1e-2)), None)
+        if match is None:
+            continue
+        used.add(match)
+        box = env[match]
+        ours_w, crown_w = float((box.hi - box.lo).median()), float((hi - lo).median())
+        rows.append({"lipcert node": match, "elements": value.numel(),
+                     "lipcert width": ours_w, "CROWN width": crown_w,
+                     "lipcert / CROWN": ours_w / crown_w})
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="+", help="lipcert ViT run directories")
     parser.add_argument("--n", type=int, default=5, help="correctly classified images each")
     parser.add_argument("--cache", type=Path, default=Path("runs/auto_lirpa-0.3"))
     parser.add_argument("--out", type=Path, default=Path("runs/crown-reference"))
+    parser.add_argument("--widths", type=float, metavar="RADIUS",
+                        help="instead: per-activation interval widths of lipcert and CROWN "
+                        "at this radius, on test image --image")
+    parser.add_argument("--image", type=int, default=0)
     args = parser.parse_args()
     for run in args.runs:
         if not (run / "model.safetensors").exists():
             parser.error(f"{run}: no lipcert run (model.safetensors) there")
     install_auto_lirpa(args.cache)
     torch.set_num_threads(1)
+    if args.widths is not None:
+        for run in args.runs:
+            print(f"{run}, test image {args.image}, radius {args.widths}")
+            print(interval_widths(run, args.image, args.widths)
+                  .to_markdown(index=False, floatfmt=".3g"))
+        return
     table = pd.concat([measure(run, args.n) for run in args.runs], ignore_index=True)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "crown.csv", index=False)
