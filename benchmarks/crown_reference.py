@@ -8,8 +8,9 @@ perturbation that DeepFool and PGD-L2 find (``attacks.minimal``), and CROWN's ce
 radius, searched from lipcert's radius: CROWN's lower bound of every margin z_y − z_j over
 B₂(x, ε) ∩ [0, 1]^784 is computed at ε = lipcert's radius; from there ε grows (if it
 certifies) or shrinks (if not) by 4× per step, up to 5 steps, until the answer changes,
-then one geometric midpoint narrows the bracket to 2×. Each row gives the bracket [lo, hi]: CROWN
-certifies lo and does not certify hi. Writes ``crown.csv`` and ``crown.md`` under ``--out``.
+then one geometric midpoint narrows the bracket to 2×. Each row gives the bracket [lo, hi]:
+CROWN certifies lo and does not certify hi. Writes ``crown.csv`` and ``crown.md`` under
+``--out``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/crown_reference.py \\
         runs/demo/vit-mnist-standard runs/demo/vit-mnist-lipschitz --n 5
@@ -263,7 +264,7 @@ def interval_widths(run: Path, image: int, radius: float) -> pd.DataFrame:
         lo, hi, value = getattr(node, "lower", None), getattr(node, "upper", None), centre[name]
         if not all(isinstance(t, Tensor) for t in (lo, hi, value)) or bool((hi == lo).all()):
             continue
-        match = next((name for name, box in boxes if name not in used
+        match = next((ours_name for ours_name, box in boxes if ours_name not in used
                       and box.value.numel() == value.numel()
                       and torch.allclose(box.value.flatten(), value.double().flatten(),
                                          atol=1e-2)), None)
