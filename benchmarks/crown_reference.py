@@ -209,9 +209,10 @@ def measure(run: Path, n: int) -> pd.DataFrame:
     data = load_dataset("mnist")
     x, y = data.x_test[:10 * n], data.y_test[:10 * n]
     with torch.no_grad():
-        right = (vit(x).argmax(1) == y) & (crown_model(x).argmax(1) == y)
-        shift = (crown_model(x) - vit(x)).abs().max().item()
-        exact = (CrownViT(vit, exact_gelu=True)(x) - vit(x)).abs().max().item()
+        logits, crown_logits = vit(x), crown_model(x)
+        right = (logits.argmax(1) == y) & (crown_logits.argmax(1) == y)
+        shift = (crown_logits - logits).abs().max().item()
+        exact = (CrownViT(vit, exact_gelu=True)(x) - logits).abs().max().item()
     print(f"{run}: max |logit change| of the CROWN-ready model {shift:.1e} "
           f"(with exact GELU {exact:.1e})", flush=True)
     x, y = x[right][:n], y[right][:n]
@@ -250,13 +251,11 @@ def interval_widths(run: Path, image: int, radius: float) -> pd.DataFrame:
     vit = lipcert.load(run).eval()
     data = load_dataset("mnist")
     x, y = data.x_test[image:image + 1], data.y_test[image:image + 1]
-    pair, labels = x.repeat(2, 1, 1, 1), y.repeat(2)  # the margin mode's lone-sample rule
-    ours = MarginCertifier(export_model(vit), example=pair)
-    if not ours.intervals.prepare_symbolic(pair, labels, ours.logits_name):
+    ours = MarginCertifier(export_model(vit), example=x)
+    if not ours.intervals.prepare_symbolic(x, y, ours.logits_name):
         raise SystemExit(f"{run}: the symbolic remainders do not apply to this model")
-    env = ours.intervals(pair, torch.full((2,), radius, dtype=torch.float64))
-    boxes = [(name, Box(box.value[:1], box.lo[:1], box.hi[:1])) for name, box in env.items()
-             if isinstance(box, Box) and box.dim() > 0 and box.shape[0] == 2]
+    env = ours.intervals(x, torch.tensor([radius], dtype=torch.float64))
+    boxes = [(name, box) for name, box in env.items() if isinstance(box, Box)]
     crown = Crown(CrownViT(vit).eval(), x)
     with torch.no_grad():
         crown.module(x)  # centre values of every node (a bound computation clears them)

@@ -336,15 +336,18 @@ def test_symbolic_remainders_widen_the_radii(models: dict[str, nn.Module],
 
 def test_a_lone_sample_gets_its_batched_radius(models: dict[str, nn.Module],
                                                mnist: tuple[Tensor, Tensor]) -> None:
-    """Certified one at a time (a single sample, or the last batch of one), each sample gets
-    the radius it gets in a batch: with the symbolic remainders, which need the bound
-    engine's sample ids, and one sample alone has none."""
+    """Certified one at a time (a single sample, the last batch of one, or a program exported
+    for batch 1), each sample gets the radius it gets in a batch: with the symbolic
+    remainders, which need every element's sample, though the bound engine tracks no
+    sample ids for one sample."""
     x, y = mnist[0][:3], mnist[1][:3]
     program = export_model(models["standard"])
     batched = margin_radii(program, x, y, steps=8)
     alone = margin_radii(program, x, y, steps=8, batch_size=1)
+    fixed_one = margin_radii(torch.export.export(models["standard"], (x[:1],)), x, y, steps=8)
     wrapped = margin_radii(program, x, y, steps=8, batch_size=1, symbolic=False)
     torch.testing.assert_close(alone.radius, batched.radius, rtol=1e-9, atol=0.0)
+    torch.testing.assert_close(fixed_one.radius, batched.radius, rtol=1e-9, atol=0.0)
     assert float(alone.radius.median()) > 2 * float(wrapped.radius.median())
 
 

@@ -36,7 +36,8 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 import lipcert.models.ops  # noqa: F401  (registers the torch.ops.lipcert operators)
-from lipcert.bounds.backward.evaluation import evaluable, is_runtime_check, of_arguments
+from lipcert.bounds.backward.evaluation import evaluable, is_runtime_check
+from lipcert.bounds.rules.shape import of_arguments
 
 aten = torch.ops.aten
 MAX_ELEMENTS = 2**26  # the largest dependency tensor (units × elements of one sample)

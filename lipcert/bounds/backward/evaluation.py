@@ -6,13 +6,12 @@ kernel has no forward-mode derivative) and runtime checks skipped.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.fx.node import map_arg
-from torch.utils._pytree import tree_map, tree_unflatten
+from torch.utils._pytree import tree_map
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # Runtime checks of an exported program (dtype and shape asserts): no value, and a float64
@@ -57,21 +56,6 @@ def attention_parts_exact(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | N
         s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), -math.inf)
     p = torch.softmax(s, dim=-1)
     return p @ v, s, p
-
-
-def of_arguments(target: Any, flat: list[Any], spec: Any, positions: list[int]
-                 ) -> Callable[..., Any]:
-    """``target`` as a function of the flattened arguments at ``positions``, the others
-    fixed to ``flat``; ``spec`` unflattens them into (args, kwargs)."""
-
-    def f(*ts: Tensor) -> Any:
-        new = list(flat)
-        for i, t in zip(positions, ts, strict=True):
-            new[i] = t
-        a, k = tree_unflatten(new, spec)
-        return target(*a, **k)
-
-    return f
 
 
 def as_f64(tree: Any) -> Any:

@@ -129,9 +129,13 @@ class Intervals:
         for node in self.graph.nodes:
             b = res.env.get(node.name)
             if isinstance(b, Bound):
-                sids[node.name] = b.sid
+                sid = b.sid
+                if sid is None and center.shape[0] == 1 and b.dim() > 0:
+                    # the engine tracks no ids for one sample: every element is sample 0's
+                    sid = torch.zeros(b.shape, dtype=torch.int64)
+                sids[node.name] = sid
                 if node.target is SDPA:
-                    inner = None if b.sid is None else b.sid[..., :1]
+                    inner = None if sid is None else sid[..., :1]
                     sids[f"{node.name}.scores"] = sids[f"{node.name}.probs"] = inner
         self._sids = sids
         self._centre = center

@@ -197,8 +197,7 @@ class MarginCertifier:
               batch_size: int = 32) -> MarginRadii:
         """Certified radii by geometric bisection (module docstring), ``batch_size`` samples
         per evaluation (a program exported with a fixed batch gets batches of that size,
-        padded). A lone sample is evaluated beside a copy of itself: with one sample the
-        bound engine tracks no sample ids, and the symbolic remainders need them."""
+        padded)."""
         labels = labels.reshape(-1)
         if inputs.shape[0] != labels.shape[0]:
             raise LipcertError("inputs and labels have different lengths")
@@ -219,8 +218,7 @@ class MarginCertifier:
         for a in range(0, inputs.shape[0], size):
             x, y = inputs[a:a + size], labels[a:a + size]
             k = x.shape[0]
-            rows = fixed or max(k, 2)
-            res = self._radii(_padded(x, rows), _padded(y, rows), steps)
+            res = self._radii(_padded(x, fixed or k), _padded(y, fixed or k), steps)
             parts.append([getattr(res, f)[:k] for f in _FIELDS])
             evaluations = max(evaluations, res.evaluations)
         return MarginRadii(*(torch.cat(column) for column in zip(*parts, strict=True)),

@@ -34,13 +34,8 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lipcert.bounds.backward.dependency import MOVES, PRODUCTS, SUMS, is_pointwise, packet
-from lipcert.bounds.backward.evaluation import (
-    SDPA,
-    as_f64,
-    attention_parts_exact,
-    evaluable,
-    of_arguments,
-)
+from lipcert.bounds.backward.evaluation import SDPA, as_f64, attention_parts_exact, evaluable
+from lipcert.bounds.rules.shape import of_arguments
 
 aten = torch.ops.aten
 

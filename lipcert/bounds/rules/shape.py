@@ -202,6 +202,21 @@ def as_bound(ctx: Ctx, x: Any) -> Bound:
     return ctx.to_bound(x)
 
 
+def of_arguments(target: Any, flat: list[Any], spec: Any, positions: list[int]
+                 ) -> Callable[..., Any]:
+    """``target`` as a function of the flattened arguments at ``positions``, the others
+    fixed to ``flat``; ``spec`` unflattens them into (args, kwargs)."""
+
+    def f(*ts: Tensor) -> Any:
+        new = list(flat)
+        for i, t in zip(positions, ts, strict=True):
+            new[i] = t
+        a, k = tree_unflatten(new, spec)
+        return target(*a, **k)
+
+    return f
+
+
 def gather(
     ctx: Ctx,
     op: Any,
@@ -218,14 +233,8 @@ def gather(
     inputs = [as_bound(ctx, flat[i]) for i in idx]
 
     def caller(target: Any) -> Callable[[list[Tensor]], Any]:
-        def call(tensors: list[Tensor]) -> Any:
-            new = list(flat)
-            for i, t in zip(idx, tensors, strict=True):
-                new[i] = t
-            a, k = tree_unflatten(new, spec)
-            return target(*a, **k)
-
-        return call
+        f = of_arguments(target, flat, spec, idx)
+        return lambda tensors: f(*tensors)
 
     out = gather_core(
         ctx,

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lipcert.bounds.backward.evaluation import evaluable, of_arguments
+from lipcert.bounds.backward.evaluation import evaluable
 from lipcert.bounds.backward.interval import TINY, Box, Grad
 from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
+from lipcert.bounds.rules.shape import of_arguments
 from lipcert.bounds.state import gamma
 from lipcert.errors import LipcertError
 
