@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lipcert.bounds import Propagator
 from lipcert.bounds.backward import Box, MarginCertifier, jacobian, margin_radii
+from lipcert.bounds.backward.evaluation import SDPA, attention_parts_exact
 from lipcert.bounds.backward.jacobian import ForwardJacobians
 from lipcert.bounds.backward.margins import SPAN
 from lipcert.bounds.backward.search import grid_search
@@ -281,9 +282,14 @@ def test_symbolic_remainders_hold_at_searched_points(models: dict[str, nn.Module
                     dim=1).reshape(shape), x, radius, (0.0, 1.0)) for s in starts)]
                 for p in points:
                     _inside(env, iv, p.detach())
-    # the narrowed intervals at their widest elements, pushed up and down
-    for name in sorted(sym.before, key=list(env).index)[-4:]:
-        box = env[name]
+    # the narrowed intervals at their widest elements, pushed up and down: the last four
+    # narrowed nodes and the attention probabilities (their scores and probabilities
+    # are narrowed too)
+    assert any(t.endswith(".probs") for t in sym.before)
+    nodes = sorted((t for t in sym.before if t in env), key=list(env).index)[-4:]
+    probs = [t for t in sym.before if t.endswith(".probs")]
+    for name in nodes + probs:
+        box = env[name] if name in env else _probs_box(env[name.removesuffix(".probs")])
         idx = (box.hi - box.lo).flatten(1).argmax(1, keepdim=True)
         for sign in (1.0, -1.0):
             adv = _project(x + starts[0] * 1e-3, x, radius, (0.0, 1.0))
@@ -297,8 +303,59 @@ def test_symbolic_remainders_hold_at_searched_points(models: dict[str, nn.Module
                 _inside(env, iv, adv)
 
 
+@pytest.mark.parametrize("family", ["standard", "lipschitz"])
+def test_attention_remainders_hold_at_searched_points(models: dict[str, nn.Module],
+                                                      mnist: tuple[Tensor, Tensor],
+                                                      family: str) -> None:
+    """The Taylor remainders of every attention node's output and probabilities,
+    e(x′) = y(x′) − y(x) − J_y(x)·δ (narrowed by the symbolic remainders, scores and
+    probabilities included), stay in their enclosures at random points of the ball and at
+    points that push each sample's widest remainder element up and down by projected
+    gradient steps; unlike an interval, a remainder has no first-order slack to hide a
+    too-narrow enclosure in."""
+    x32, y = mnist[0][:4], mnist[1][:4]
+    x = x32.double()
+    cert = MarginCertifier(export_model(models[family]))
+    iv = cert.intervals
+    radius = 3 * margin_radii(cert.prop, x32, y, steps=6).radius.clamp(min=1e-4)
+    assert iv.prepare_symbolic(x32, y, cert.logits_name)
+    env = iv(x32, radius)
+    attention = [n for n, b in env.items() if isinstance(b, Box) and b.aux
+                 and "pe_lo" in b.aux]
+    assert attention, "no attention node with remainders"
+    shape = (-1, 1, 1, 1)
+    g = torch.Generator().manual_seed(2)
+    for name in attention:
+        box = env[name]
+        for part, lo, hi in ((name, box.e_lo, box.e_hi),
+                             (f"{name}.probs", box.aux["pe_lo"], box.aux["pe_hi"])):
+
+            def remainder(adv: Tensor, part: str = part) -> Tensor:
+                value, lin = torch.func.jvp(lambda z: _values(iv, z)[part], (x,), (adv - x,))
+                return _values(iv, adv)[part] - value - lin
+
+            idx = (hi - lo).flatten(1).argmax(1, keepdim=True)
+            for sign in (1.0, -1.0):
+                d = torch.randn(x.shape, generator=g, dtype=F64)
+                adv = _project(x + d / d.flatten(1).norm(dim=1).reshape(shape)
+                               * radius.reshape(shape), x, radius, (0.0, 1.0))
+                for _ in range(20):
+                    adv.requires_grad_(True)
+                    (step,) = torch.autograd.grad(
+                        sign * remainder(adv).flatten(1).gather(1, idx).sum(), adv)
+                    step = step / step.flatten(1).norm(dim=1).clamp_min(1e-300).reshape(shape)
+                    adv = _project(adv.detach() + 0.2 * radius.reshape(shape) * step, x,
+                                   radius, (0.0, 1.0))
+                    with torch.no_grad():
+                        e = remainder(adv)
+                    tol = 1e-10 * (1 + e.abs())
+                    assert bool(((e >= lo - tol) & (e <= hi + tol)).all()), \
+                        f"{part}: remainder outside its enclosure"
+
+
 def _values(iv: object, x: Tensor) -> dict[str, Tensor]:
-    """Every node's value at x (float64, differentiable)."""
+    """Every node's value at x (float64, differentiable), and every attention node's
+    probabilities (``<node>.probs``)."""
     vals: dict[str, object] = {}
     for node in iv.graph.nodes:
         if node.op == "placeholder":
@@ -306,8 +363,17 @@ def _values(iv: object, x: Tensor) -> dict[str, Tensor]:
         elif node.op == "call_function":
             args = torch.fx.node.map_arg(node.args, lambda a: vals[a.name])
             kwargs = torch.fx.node.map_arg(dict(node.kwargs), lambda a: vals[a.name])
-            vals[node.name] = node.target(*args, **kwargs)
+            if node.target is SDPA:  # written out: torch's kernel has no forward mode
+                vals[node.name], _, vals[f"{node.name}.probs"] = attention_parts_exact(
+                    *args, **kwargs)
+            else:
+                vals[node.name] = node.target(*args, **kwargs)
     return vals
+
+
+def _probs_box(box: Box) -> Box:
+    """An attention node's enclosure of its probabilities (kept by its forward rule)."""
+    return Box(box.aux["p0"], box.aux["p_lo"], box.aux["p_hi"])
 
 
 def _inside(env: dict[str, object], iv: object, x: Tensor) -> None:
@@ -315,10 +381,14 @@ def _inside(env: dict[str, object], iv: object, x: Tensor) -> None:
         vals = _values(iv, x)
     for name, box in env.items():
         if isinstance(box, Box):
-            v = vals[name]
-            tol = 1e-10 * (1 + v.abs())
-            assert bool(((v >= box.lo - tol) & (v <= box.hi + tol)).all()), \
-                f"node {name} leaves its interval"
+            parts = [(name, box)]
+            if box.aux is not None and "p_lo" in box.aux:
+                parts.append((f"{name}.probs", _probs_box(box)))
+            for part, b in parts:
+                v = vals[part]
+                tol = 1e-10 * (1 + v.abs())
+                assert bool(((v >= b.lo - tol) & (v <= b.hi + tol)).all()), \
+                    f"{part} leaves its interval"
 
 
 def test_symbolic_remainders_widen_the_radii(models: dict[str, nn.Module],
@@ -424,13 +494,14 @@ def _evaluate_from(graph: torch.fx.Graph, consts: dict, input_name: str, x: Tens
                 continue
             args = torch.fx.node.map_arg(node.args, lambda a: vals[a.name])
             kwargs = torch.fx.node.map_arg(dict(node.kwargs), lambda a: vals[a.name])
-            if node.target is torch.ops.aten.scaled_dot_product_attention.default:
-                vals[node.name] = torch.ops.aten._scaled_dot_product_attention_math(
-                    *args, **kwargs)[0]
+            if node.target is SDPA:
+                y, scores, probs = attention_parts_exact(*args, **kwargs)
+                vals.update({node.name: y, f"{node.name}.scores": scores,
+                             f"{node.name}.probs": probs})
             else:
                 vals[node.name] = node.target(*args, **kwargs)
-        if node.name == name:
-            return vals[node.name]
+        if name in vals:
+            return vals[name]
     raise AssertionError(name)
 
 
@@ -464,11 +535,13 @@ def test_jacobian_norms_match_autograd(models: dict[str, nn.Module],
             lambda z, name=name: _evaluate_from(graph, consts, inp, z, "", z, name), x64)
         _upper_and_close(iv._norms[name], own_rows(jac, vals[name].shape, x64[0].numel())[0])
     assert len(sym.gains) >= 5
+    assert {t.rsplit(".", 1)[-1] for t, _ in sym.gains} >= {"scores", "probs"}
     for (t, k), gain in sym.gains.items():
         jac = torch.autograd.functional.jacobian(
             lambda v, t=t, k=k: _evaluate_from(graph, consts, inp, x64, k, v, t),
             vals[k].clone())
-        _upper_and_close(gain, own_rows(jac, vals[t].shape, vals[k].shape[-1]))
+        _upper_and_close(gain, own_rows(jac, torch.Size((n, *gain.shape[2:])),
+                                        vals[k].shape[-1]))
 
 
 def _upper_and_close(value: Tensor, exact: Tensor) -> None:

@@ -242,6 +242,7 @@ def forward_node(ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
         raise LipcertError(f"no forward-interval rule for {node.target}")
     ctx.node = node
     ctx.first_order = None
+    ctx.tighten = tighten
     if first_order is not None and node.target is SDPA:
         q, k = args[0], args[1]
         shape = torch.Size((*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]),

@@ -73,8 +73,9 @@ class ForwardJacobians:
 
     def row_gains(self, source: str, targets: set[str]) -> dict[str, Tensor]:
         """``{target: G}`` with G[t, s, ...] = ‖∂y_e/∂(row t of the source)‖₂ at the centre
-        for every element e of sample s of each target node after ``source`` (a row: the
-        last dimension; the source's dim 0 is the batch)."""
+        for every element e of sample s of each target after ``source`` (a row: the last
+        dimension; the source's dim 0 is the batch). A target is a node, or an attention
+        node's scores or probabilities (``<node>.scores``, ``<node>.probs``)."""
         width = self.vals[source].shape[-1]
         sq = self._pass(source, width, targets, total=False)
         return {name: _rounded_up(s.sqrt()) for name, s in sq.items() if name in targets}
@@ -86,6 +87,7 @@ class ForwardJacobians:
         src = self.vals[source]
         units = src[0].numel() // width
         at = next(i for i, nd in enumerate(self.nodes) if nd.name == source)
+        targets = targets | {part_owner(t) for t in targets}
         stop = max((i for i, nd in enumerate(self.nodes) if nd.name in targets), default=at)
         reach = {source}
         chain = []
@@ -189,7 +191,8 @@ class ForwardJacobians:
             else:
                 parts[nd.name] = tan
             for name, t in parts.items():
-                if isinstance(t, Tensor) and (name == nd.name or rec.total):
+                if isinstance(t, Tensor) and (name == nd.name or rec.total
+                                              or name in rec.plan.targets):
                     rec.add(name, nd.name, t, compressed, c, us)
         return tan
 
@@ -215,7 +218,8 @@ class _Plan:
         self.readable = {
             nd.name for nd in chain
             if self.colours < units and isinstance(self.deps.get(nd.name), Tensor)
-            and not (total and nd.target is SDPA)
+            and not (nd.target is SDPA and (total or any(nd.name + p in targets
+                                                         for p in PARTS)))
             and _fits(self.deps[nd.name], jac.vals[nd.name], n) and jac.batch_major(nd.name)
             and conflict_free(self.deps[nd.name], self.colour, self.colours)}
         reach = {source} | {nd.name for nd in chain}
@@ -338,6 +342,17 @@ def _narrowed(stack: Tensor, dep: Tensor, colour: Tensor, us: Tensor, support: i
     out = torch.zeros(k, support, *t.shape[2:], dtype=t.dtype)
     out.scatter_add_(3, order[:, None, None, :].expand(-1, support, t.shape[2], -1), src)
     return out.reshape(k * support, *stack.shape[2:])
+
+
+PARTS = (".scores", ".probs")  # an attention node's internal quantities
+
+
+def part_owner(name: str) -> str:
+    """The node a target belongs to: ``<node>.scores``, ``<node>.probs`` → ``<node>``."""
+    for part in PARTS:
+        if name.endswith(part):
+            return name.removesuffix(part)
+    return name
 
 
 def _fits(dep: Tensor, value: Any, n: int) -> bool:

@@ -87,12 +87,15 @@ class FwdCtx:
     """What a forward rule may read besides its arguments: the node, the number of samples
     (dim 0 of the model input), a cache of weight-derived tensors (|W|, row norms, spectral
     norms) keyed by the weight tensor, and the first-order parts of the Taylor models of
-    internal quantities (attention scores and probabilities) by name."""
+    internal quantities (attention scores and probabilities) by name, and the symbolic
+    remainders' narrowing of an internal quantity's remainder (attention scores)."""
 
     node: Any = None
     n: int = 1
     cache: dict[Any, Any] = field(default_factory=dict)
     first_order: dict[str, Any] | None = None  # node name → r·‖A_row‖ (forward walk)
+    # (name, Box) → the Box with a narrower remainder (symbolic remainders), or None
+    tighten: Callable[[str, Box], Box] | None = None
 
     @property
     def target(self) -> Any:

@@ -16,7 +16,11 @@ enclosure by a factor 3 to 20 per matrix; here each R_k is taken in absolute val
   (the last dimension) of R_k gives |(M_{y←k}R_k)_e| ≤ Σ_t ‖∂y_e/∂(row t of k)‖₂·‖R_k,t‖₂.
   The gains ‖∂y_e/∂(row t)‖₂ depend on the centre only (``ForwardJacobians.row_gains``, once per
   batch); the walk intersects each target's remainder with ±Σ (plus its own term), which
-  narrows the intervals every later R_k is computed from.
+  narrows the intervals every later R_k is computed from. An attention's scores and
+  probabilities (``<node>.scores``, ``<node>.probs``) are targets as well: the sum holds
+  for the op's internal quantities too, over the sources before the op, with the op's own
+  terms for them (c·ΔQΔKᵀ, and P's remainder as a function of Q and K); the forward rule
+  asks for them through ``FwdCtx.tighten``.
 * Margins. With g_k = ∂m_j/∂(output of k) at the centre (reverse mode, once per batch),
   m_j(x′) = m_j(x) + ∇m_j(x)·δ + Σ_k g_k·R_k, so
   m_j(x′) ≥ m_j(x) − r·‖∇m_j(x)‖ + Σ_k Σ_e min(g_k,e·R_lo,e, g_k,e·R_hi,e), with ∇m_j(x)
@@ -44,9 +48,9 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from lipcert.bounds.backward.evaluation import node_values
+from lipcert.bounds.backward.evaluation import SDPA, node_values
 from lipcert.bounds.backward.interval import TINY, Box, Grad
-from lipcert.bounds.backward.jacobian import ForwardJacobians
+from lipcert.bounds.backward.jacobian import PARTS, ForwardJacobians, part_owner
 from lipcert.bounds.state import F64, gamma
 
 aten = torch.ops.aten
@@ -159,7 +163,10 @@ class SymbolicRemainders:
         targets = {a.name for nd in order if nd.name in source_set for a in nd.all_input_nodes
                    if isinstance(env0.get(a.name), Box) and a.name != self.input_name
                    and batch_major(a.name)}
+        targets |= {f"{nd.name}{part}" for nd in order for part in PARTS
+                    if nd.target is SDPA and batch_major(f"{nd.name}{part}")}
         position = {nd.name: i for i, nd in enumerate(self.graph.nodes)}
+        position.update({t: position[part_owner(t)] for t in targets})
         x = center.detach().to(F64)
         if jacobians is None:
             jacobians = ForwardJacobians(self.graph, self.consts, self.input_name, x,
@@ -173,7 +180,8 @@ class SymbolicRemainders:
         # the sources upstream of each target; a target one of them misses (no gains) is
         # left as it is
         upstream = _ancestors(self.graph)
-        self.before = {t: [k for k in sources if k in upstream[t]] for t in targets}
+        self.before = {t: [k for k in sources if k in upstream[part_owner(t)]]
+                       for t in targets}
         self.before = {t: ks for t, ks in self.before.items()
                        if all((t, k) in gains for k in ks)}
         self.sources, self.gains = sources, gains

@@ -270,7 +270,9 @@ def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: floa
     of the scores and probabilities (``<name>.scores``, ``<name>.probs``) tighten both
     enclosures, e_P is :func:`softmax_remainder` and own_P the same for the scores' own
     term cΔQΔKᵀ alone (P's remainder as a function of Q and K at the centre); both None
-    without Taylor remainders."""
+    without Taylor remainders. With symbolic remainders (``ctx.tighten``) e_S and e_P are
+    first intersected with their own terms ± the gains from the earlier ops' own terms
+    (docs/local-margin.md, "Symbolic remainders")."""
     L, E = q.shape[-2], q.shape[-1]
     S = k.shape[-2]
     c = float(scale) if scale is not None else 1.0 / math.sqrt(E)
@@ -292,11 +294,20 @@ def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: floa
     if is_causal:
         keep = torch.ones(L, S, dtype=torch.bool).tril()
     e_p = own_p = None
-    if es is not None and ctx is not None and name is not None:
+    if es is not None and es_own is not None and ctx is not None and name is not None:
+        if ctx.tighten is not None:
+            narrowed = ctx.tighten(f"{name}.scores", Box(s0, s_lo, s_hi, None, None, *es,
+                                                         None, *es_own))
+            es = (narrowed.e_lo, narrowed.e_hi)
         s_lo, s_hi = _tighten(s0, s_lo, s_hi, _first_order(ctx, f"{name}.scores"), *es)
     p0, p_lo, p_hi = softmax_box(s0, s_lo, s_hi, keep)
     if es is not None and es_own is not None and ctx is not None and name is not None:
         e_p = softmax_remainder(p0, p_lo, p_hi, s_lo - s0, s_hi - s0, *es)
+        if ctx.tighten is not None:
+            own_p = softmax_remainder(p0, p_lo, p_hi, s_lo - s0, s_hi - s0, *es_own)
+            narrowed = ctx.tighten(f"{name}.probs", Box(p0, p_lo, p_hi, None, None, *e_p,
+                                                        None, *own_p))
+            e_p = (narrowed.e_lo, narrowed.e_hi)
         p_lo, p_hi = _tighten(p0, p_lo, p_hi, _first_order(ctx, f"{name}.probs"), *e_p)
         p_lo, p_hi = p_lo.clamp(min=0), torch.minimum(p_hi, torch.ones((), dtype=F64))
         own_p = softmax_remainder(p0, p_lo, p_hi, s_lo - s0, s_hi - s0, *es_own)
@@ -391,5 +402,8 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
         ctr = sum(t[0] for t in own)
         rad = sum(t[1] for t in own) + slack
         own_lo, own_hi = ctr - rad, ctr + rad
+    aux = {"p0": p0, "p_lo": p_lo, "p_hi": p_hi}
+    if e_p is not None:
+        aux["pe_lo"], aux["pe_hi"] = e_p
     return Box(value, lo - pad, hi + pad, None, rdev * (1 + 2 * gamma(S + 4)), e_lo, e_hi,
-               {"p0": p0, "p_lo": p_lo, "p_hi": p_hi}, own_lo, own_hi)
+               aux, own_lo, own_hi)
