@@ -27,7 +27,7 @@ to 0, so shifting K leaves G_Q unchanged; both shifts only shrink the enclosures
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ from lipcert.errors import LipcertError
 aten = torch.ops.aten
 REL = 1e-14  # relative slack of exp and of the divisions in the softmax intervals
 U = 2.0**-53
+Pair = tuple[Tensor, Tensor]
 
 
 def softmax_box(value: Tensor, lo: Tensor, hi: Tensor, keep: Tensor | None = None
@@ -167,7 +168,7 @@ def sdpa(ctx: BackCtx, g: Grad, q: Any, k: Any, v: Any, attn_mask: Any = None,
         raise LipcertError("attention dropout in training mode: use model.eval()")
     if enable_gqa and q.shape[-3] != k.shape[-3]:
         raise LipcertError("grouped-query attention has no rule yet")
-    c, p0, p_lo, p_hi, _, _, _ = attention_parts(q, k, attn_mask, is_causal, scale)
+    c, p0, p_lo, p_hi = attention_parts(q, k, attn_mask, is_causal, scale)[:4]
     aux = ctx.out.aux if isinstance(ctx.out, Box) else None
     if aux is not None:
         p_lo = torch.maximum(p_lo, aux["p_lo"])
@@ -261,10 +262,27 @@ def softmax_forward(ctx: FwdCtx, x: Box, dim: int, *args: Any) -> Box:
     return Box(mv(p0), mv(p_lo), mv(p_hi), None, None, e_lo, e_hi, None, own_lo, own_hi)
 
 
+class AttentionParts(NamedTuple):
+    """An attention call's scale c, probabilities at the centre and their enclosure, the
+    kept entries (None: all), and with Taylor remainders: P's remainder e_P and own term
+    own_P, the scores' remainder e_S and own term own_S, and the softmax's own term R_soft
+    (P − P⁰ − J₀ΔS over the score enclosure), each as (lo, hi)."""
+
+    c: float
+    p0: Tensor
+    p_lo: Tensor
+    p_hi: Tensor
+    keep: Tensor | None
+    e_p: Pair | None = None
+    own_p: Pair | None = None
+    e_s: Pair | None = None
+    own_s: Pair | None = None
+    soft_own: Pair | None = None
+
+
 def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: float | None,
-                    ctx: FwdCtx | None = None, name: str | None = None
-                    ) -> tuple[float, Tensor, Tensor, Tensor, Tensor | None, Any, Any]:
-    """(c, p⁰, p_lo, p_hi, keep, e_P, own_P) of an attention call: the score enclosure,
+                    ctx: FwdCtx | None = None, name: str | None = None) -> AttentionParts:
+    """The :class:`AttentionParts` of an attention call: the score enclosure,
     masked, through :func:`softmax_box`. With a forward context and Taylor remainders of Q
     and K, the scores' remainder e_S = c(e_Q K₀ᵀ + Q₀e_Kᵀ + ΔQΔKᵀ) and the first-order parts
     of the scores and probabilities (``<name>.scores``, ``<name>.probs``) tighten both
@@ -311,14 +329,46 @@ def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: floa
         p_lo, p_hi = _tighten(p0, p_lo, p_hi, _first_order(ctx, f"{name}.probs"), *e_p)
         p_lo, p_hi = p_lo.clamp(min=0), torch.minimum(p_hi, torch.ones((), dtype=F64))
         own_p = softmax_remainder(p0, p_lo, p_hi, s_lo - s0, s_hi - s0, *es_own)
-    return c, p0, p_lo, p_hi, keep, e_p, own_p
+        soft_own = softmax_own(p0, p_lo, p_hi, s_lo - s0, s_hi - s0)
+        return AttentionParts(c, p0, p_lo, p_hi, keep, e_p, own_p, es, es_own, soft_own)
+    return AttentionParts(c, p0, p_lo, p_hi, keep)
+
+
+def _through_softmax(parts: AttentionParts, s_rem: Pair | None, p_rem: Pair, v0: Tensor,
+                     w: Tensor, y0: Tensor) -> tuple[Tensor, Tensor]:
+    """A remainder of P carried to Y = P V₀ (centre and radius): p_rem·(V₀ − w), and, where
+    p_rem = J₀·s_rem + R_soft comes from a remainder s_rem of the scores, also
+    J_{Y←S}·s_rem + R_soft·(V₀ − w) with the exact centre Jacobian
+    ∂Y_id/∂S_ij = P⁰_ij(V₀_jd − Y⁰_id): the softmax's Jacobian is not wrapped through
+    |J₀| before meeting V₀. The intersection of both."""
+    lo, hi = _around(iv_matmul(mid_rad(*p_rem), (v0 - w, None)))
+    if s_rem is None or parts.soft_own is None:
+        return mid_rad(lo, hi)
+    coef = parts.p0.unsqueeze(-1) * (v0.unsqueeze(-3) - y0.unsqueeze(-2))  # (…, L, S, E)
+    coef_r = 4 * U * parts.p0.unsqueeze(-1) * (v0.abs().unsqueeze(-3) + y0.abs().unsqueeze(-2))
+    sc, sr = mid_rad(*s_rem)
+    ctr = torch.einsum("...ls,...lse->...le", sc, coef)
+    rad = torch.einsum("...ls,...lse->...le", sr, coef.abs() + coef_r) + torch.einsum(
+        "...ls,...lse->...le", sc.abs(), coef_r)
+    rad = rad + 2 * gamma(sc.shape[-1] + 4) * (torch.einsum(
+        "...ls,...lse->...le", sc.abs(), coef.abs()) + rad) + TINY
+    soft_c, soft_r = iv_matmul(mid_rad(*parts.soft_own), (v0 - w, None))
+    lo = torch.maximum(lo, ctr + soft_c - rad - soft_r)
+    hi = torch.minimum(hi, ctr + soft_c + rad + soft_r)
+    return mid_rad(lo, torch.maximum(lo, hi))
+
+
+def _around(cr: tuple[Tensor, Tensor]) -> Pair:
+    return cr[0] - cr[1], cr[0] + cr[1]
 
 
 def _score_remainder(q: Any, k: Any, c: float, s0: Tensor
                      ) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
     """e_S = c(e_Q K₀ᵀ + Q₀e_Kᵀ + ΔQΔKᵀ) (a constant operand has no remainder), and the
-    scores' own term cΔQΔKᵀ (0 if either operand is constant); (None, None) if an operand's
-    remainder is not tracked."""
+    scores' own term cΔQΔKᵀ (0 if either operand is constant), each element also within
+    c·‖Δq_i‖·‖Δk_j‖ (the rows' ℓ2 deviations, which keep the ball's geometry: on the demo's
+    Lipschitz ViT about 12× below the elementwise sum in the first block); (None, None) if
+    an operand's remainder is not tracked."""
     if (isinstance(q, Box) and not q.has_e) or (isinstance(k, Box) and not k.has_e):
         return None, None
     q0, k0 = _around_centre(q)[0], _around_centre(k)[0]
@@ -331,6 +381,10 @@ def _score_remainder(q: Any, k: Any, c: float, s0: Tensor
     own_c, own_r = torch.zeros_like(s0), torch.zeros_like(s0)
     if isinstance(q, Box) and isinstance(k, Box):
         own_c, own_r = iv_matmul(mid_rad(*q.delta()), _bt_pair(mid_rad(*k.delta())))
+        # |Δq_i·Δk_j| ≤ ‖Δq_i‖·‖Δk_j‖ (Cauchy–Schwarz on the rows' ℓ2 deviations)
+        rows = q.row_dev().unsqueeze(-1) * k.row_dev().unsqueeze(-2) * (1 + gamma(4))
+        own_c, own_r = mid_rad(torch.maximum(own_c - own_r, -rows),
+                               torch.minimum(own_c + own_r, rows))
         terms.append((own_c, own_r))
     slack = 2 * gamma(e + 4) * s0.abs() + TINY
     ctr = c * sum(t[0] for t in terms)
@@ -360,8 +414,8 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
     if enable_gqa and q.shape[-3] != k.shape[-3]:
         raise LipcertError("grouped-query attention has no rule yet")
     name = getattr(ctx.node, "name", None)
-    _, p0, p_lo, p_hi, keep, e_p, own_p = attention_parts(q, k, attn_mask, is_causal, scale,
-                                                          ctx, name)
+    parts = attention_parts(q, k, attn_mask, is_causal, scale, ctx, name)
+    p0, p_lo, p_hi, keep, e_p, own_p = parts[1:7]
     v0, dv = _around_centre(v)
     v_lo, v_hi = (v.lo, v.hi) if isinstance(v, Box) else (v0, v0)
     w = v0.mean(-2, keepdim=True)
@@ -386,8 +440,8 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
     e_lo = e_hi = own_lo = own_hi = None
     if e_p is not None and own_p is not None and (not isinstance(v, Box) or v.has_e):
         slack = err + 2 * U * (v0.abs() + w.abs()).amax(-2, keepdim=True)
-        own = [iv_matmul(mid_rad(*own_p), (v0 - w, None))]
-        terms = [iv_matmul(mid_rad(*e_p), (v0 - w, None))]
+        own = [_through_softmax(parts, parts.own_s, own_p, v0, w, value)]
+        terms = [_through_softmax(parts, parts.e_s, e_p, v0, w, value)]
         if isinstance(v, Box):
             terms.append(iv_matmul((p0, None), v.e_mid_rad()))
             dv_c, dv_r = mid_rad(*v.delta())

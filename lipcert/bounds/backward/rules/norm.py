@@ -11,12 +11,23 @@ the input set from the input's forward interval and its centre value x₀ (Δx =
 
 * |Δu_i| ≤ ρ_i(1 − 2/d) + Σρ/d (the exact radius of (PΔx)_i over the box), and
   ‖Δu‖ ≤ ‖Δx‖ ≤ ‖ρ‖ =: D;
-* ‖u‖ ∈ [max(‖u₀‖ − D, √Σ dist(0, [u_i])²), min(‖u₀‖ + D, √Σ max(u_lo², u_hi²))], hence
-  s ∈ [s_lo, s_hi] with s_lo ≥ √ε > 0 always (a careful lower bound: it never uses the
-  centre's variance without subtracting the largest possible change);
+* ‖u‖ ∈ [max(‖u₀‖ − D, √Σ dist(0, [u_i])²), min(‖u₀‖ + D, √Σ max(u_lo², u_hi²))], and
+  from ‖u‖² = ‖u₀‖² + 2⟨u₀, Δu⟩ + ‖Δu‖² with |⟨u₀, Δu⟩| = |⟨u₀, Δx⟩| ≤ Σ|u₀_i|ρ_i =: d·A
+  (Pu₀ = u₀), ‖u‖² ∈ [‖u₀‖² − 2dA, ‖u₀‖² + 2dA + D²]; hence s ∈ [s_lo, s_hi] with
+  s_lo ≥ √ε > 0 always (a careful lower bound: it never uses the centre's variance
+  without subtracting the largest possible change);
 * ẑ − ẑ₀ = Δu/s + ẑ₀(s₀ − s)/s and |s − s₀| ≤ ‖Δu‖/√d (s is (1/√d)-Lipschitz in u), so
-  |ẑ_i − ẑ₀_i| ≤ (|Δu_i| + |ẑ₀_i|·D/√d)/s_lo; intersected with [u_i]/[s], with
-  |ẑ_i| ≤ √d and with (y − β)/γ from the output's forward interval.
+  |ẑ_i − ẑ₀_i| ≤ (|Δu_i| + |ẑ₀_i|·D/√d)/s_lo; also ẑ − ẑ₀ = Δu/s + u₀(g − g₀) with g = 1/s,
+  so |ẑ_i − ẑ₀_i| ≤ |Δu_i|/s_lo + |u₀_i|·G (G from :func:`inverse_std_change`, the
+  smaller of the two is used); intersected with [u_i]/[s], with |ẑ_i| ≤ √d and with
+  (y − β)/γ from the output's forward interval.
+
+Remainder: s² = s₀² + 2a + b exactly, with a = ⟨u₀, Δu⟩/d ∈ [−A, A] and
+b = ‖Δu‖²/d ∈ [0, D²/d], so g = 1/s is a function of t = 2a + b alone: g − g₀ is
+decreasing in t, and g − g₀ − ∇g₀·Δu = g − g₀ + a/s₀³ = K(t) − b/(2s₀³), K convex with
+K(0) = K′(0) = 0 (:func:`inverse_std_change`). Exact ranges over the ranges of t and b,
+where the cruder bounds ‖∇g‖ ≤ 1/(√d·s²) and |ΔuᵀΔ²gΔu| ≤ 4‖Δu‖²/(d·s³) use the worst
+direction of Δu; |a| ≤ A is usually far below ‖u₀‖·D/d.
 
 Centre values carry float64 rounding slack γ_{d+4} relative to the magnitudes involved.
 """
@@ -56,6 +67,45 @@ def centre_radius_p(r: Tensor, d: int) -> Tensor:
     return r * (1 - 2 / d) + r.sum(-1, keepdim=True) / d if d > 1 else torch.zeros_like(r)
 
 
+def centre_dot(u0: Tensor, slack: Tensor, rho: Tensor, n0_hi: Tensor, big_d: Tensor
+               ) -> Tensor:
+    """A ≥ |a| per group, a = ⟨u₀, Δu⟩/d: ⟨u₀, PΔx⟩ = ⟨Pu₀, Δx⟩ = ⟨u₀, Δx⟩, so
+    |a| ≤ Σ_i |u₀_i|·ρ_i/d, and |a| ≤ ‖u₀‖·D/d (``slack``: the rounding of the float u₀)."""
+    d = u0.shape[-1]
+    by_box = ((u0.abs() + slack) * rho).sum(-1, keepdim=True) * (1 + gamma(d + 4))
+    return torch.minimum(by_box, n0_hi * big_d * (1 + gamma(4))) / d
+
+
+def inverse_std_change(s0: Tensor, s_lo: Tensor, s_hi: Tensor, a_max: Tensor, b_max: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+    """Bounds (G, H) of |g − g₀| and |g − g₀ − ∇g₀·Δu| for g = 1/s over the set, from
+    s² = s₀² + 2a + b with a = ⟨u₀, Δu⟩/d ∈ [−a_max, a_max], b = ‖Δu‖²/d ∈ [0, b_max]
+    and s ∈ [s_lo, s_hi] (module docstring). With t = 2a + b = x·s₀² and
+    q = √(1 + x): g − g₀ = −x/(q(1 + q)s₀), decreasing in t; ∇g₀·Δu = −a/s₀³, so
+    g − g₀ − ∇g₀·Δu = K(t) − b/(2s₀³) with K(t) = g − g₀ + t/(2s₀³) = x²(q + 2)/(2q(1 + q)²s₀),
+    convex with K(0) = K′(0) = 0. Both are written without cancellation."""
+    x_lo = torch.maximum(-2 * a_max, s_lo.square() - s0.square()) / s0.square()
+    x_hi = torch.minimum(2 * a_max + b_max, s_hi.square() - s0.square()) / s0.square()
+    x_lo = x_lo.clamp(min=-1 + 1e-300)
+    x_hi = torch.maximum(x_hi, x_lo)
+
+    def change(x: Tensor) -> Tensor:
+        q = torch.sqrt(1 + x)
+        return x.abs() / (q * (1 + q) * s0)
+
+    def curve(x: Tensor) -> Tensor:
+        q = torch.sqrt(1 + x)
+        return x.square() * (q + 2) / (2 * q * (1 + q).square() * s0)
+
+    pad = 1 + 1e-12
+    g_dev = torch.maximum(change(x_lo), change(x_hi)) * pad + 1e-15 / s0
+    k_lo, k_hi = curve(x_lo), curve(x_hi)
+    k_min = torch.where((x_lo <= 0) & (x_hi >= 0), torch.zeros_like(k_lo),
+                        torch.minimum(k_lo, k_hi))
+    h_dev = torch.maximum(torch.maximum(k_lo, k_hi), b_max / (2 * s0**3) - k_min) * pad
+    return g_dev, h_dev + 1e-15 / s0
+
+
 def normalised(x: Box, k: int, eps: float, centred: bool, out: Box | None,
                scale: Tensor | None, shift: Tensor | None
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -93,13 +143,18 @@ def normalised(x: Box, k: int, eps: float, centred: bool, out: Box | None,
     box_lo = (_dist0(u_lo, u_hi).square().sum(-1, keepdim=True) * (1 - gamma(d + 2))).sqrt()
     box_hi = (torch.maximum(u_lo.square(), u_hi.square()).sum(-1, keepdim=True)
               * (1 + gamma(d + 2))).sqrt()
-    n_lo = torch.maximum((n0_lo - big_d).clamp(min=0), box_lo)
-    n_hi = torch.minimum(n0_hi + big_d, box_hi)
+    dot = centre_dot(u0, slack, rho, n0_hi, big_d)
+    sq_lo = (n0_lo.clamp(min=0).square() * (1 - gamma(4)) - 2 * d * dot).clamp(min=0)
+    sq_hi = (n0_hi.square() + 2 * d * dot + big_d.square()) * (1 + gamma(4))
+    n_lo = torch.maximum(torch.maximum((n0_lo - big_d).clamp(min=0), box_lo), sq_lo.sqrt())
+    n_hi = torch.minimum(torch.minimum(n0_hi + big_d, box_hi), sq_hi.sqrt())
     s_lo = torch.sqrt(n_lo.square() / d + eps) * (1 - 1e-15)
     s_hi = torch.sqrt(n_hi.square() / d + eps) * (1 + 1e-15)
     s0 = torch.sqrt(n0.square() / d + eps)
     z0 = u0 / s0
-    z_rad = (du + slack + z0.abs() * big_d / math.sqrt(d)) / s_lo
+    g_dev, _ = inverse_std_change(s0, s_lo, s_hi, dot, big_d.square() / d)
+    z_rad = (du + slack) / s_lo + torch.minimum(z0.abs() * big_d / math.sqrt(d) / s_lo,
+                                                (u0.abs() + slack) * g_dev)
     z_rad = z_rad + 1e-15 * (z0.abs() + z_rad) + TINY
     z_lo, z_hi = z0 - z_rad, z0 + z_rad
     q = torch.stack([u_lo / s_lo, u_lo / s_hi, u_hi / s_lo, u_hi / s_hi])
@@ -183,7 +238,9 @@ def norm_forward(x: Box, k: int, weight: Any, bias: Any, eps: float, centred: bo
     R = Δu·(g − g₀) + u₀·(g − g₀ − ∇g₀·Δu). Here ∇g = −u/(d·s³), ‖∇g‖ ≤ 1/(√d·s²), and
     ∇²g = −I/(d·s³) + 3uuᵀ/(d²·s⁵), so |ΔuᵀΔ²gΔu| ≤ 4‖Δu‖²/(d·s³) (‖u‖² ≤ d·s²). With
     D ≥ ‖Δu‖ and s ≥ s_lo on the set:
-    |R_i| ≤ |Δu_i|·D/(√d·s_lo²) + |ẑ₀_i|·(s₀/s_lo)·2D²/(d·s_lo²) (second order)."""
+    |R_i| ≤ |Δu_i|·D/(√d·s_lo²) + |ẑ₀_i|·(s₀/s_lo)·2D²/(d·s_lo²) (second order), and
+    |R_i| ≤ |Δu_i|·G + |u₀_i|·H with G, H the exact ranges of the module docstring
+    ("Remainder"); the smaller is used."""
     scale = constant(weight, "a normalisation weight")
     shift = constant(bias, "a normalisation bias")
     norm_shape = x.shape[x.dim() - k:]
@@ -239,6 +296,12 @@ def _norm_remainder(x: Box, d: int, centred: bool, s_lo: Tensor, s_hi: Tensor, s
     s_min2 = s_lo.square()
     r = (p_rho * big_d / (math.sqrt(d) * s_min2)
          + z0.abs() * (s0 / s_lo) * 2 * big_d.square() / (d * s_min2))
+    u0 = z0 * s0
+    slack = gamma(d + 4) * u0.abs()
+    n0_hi = torch.linalg.vector_norm(u0, dim=-1, keepdim=True) * (1 + gamma(d + 4))
+    g_dev, h_dev = inverse_std_change(s0, s_lo, s_hi, centre_dot(u0, slack, rho, n0_hi, big_d),
+                                      big_d.square() / d)
+    r = torch.minimum(r, p_rho * g_dev + (u0.abs() + slack) * h_dev)
     r = r * (1 + gamma(d + 8))
     c = j_c * g
     rad = (j_r + r) * g.abs()

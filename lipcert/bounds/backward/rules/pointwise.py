@@ -20,7 +20,11 @@ scaled by the largest |f′| of the row, and the Taylor remainder
 e_y = f′(x₀)·e_x + R with R = f(x) − f(x₀) − f′(x₀)(x − x₀) = (x − x₀)·(S − f′(x₀)), S the
 secant slope, which lies in the derivative's enclosure over [lo, hi] (mean value theorem;
 Clarke's for the kinks): the op's own remainder; f′(x₀) is the derivative automatic
-differentiation uses, so the first-order parts agree.
+differentiation uses, so the first-order parts agree. For a continuously differentiable f
+the own remainder is also enclosed piece by piece (:func:`remainder_range`), which keeps
+its sign (R ≥ 0 where f is convex) and halves its size: the secant bound takes
+|S − f′(x₀)| up to the whole variation of f′ over [lo, hi], R itself only about half of it
+times |x − x₀|. The two enclosures are intersected.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from lipcert.errors import LipcertError
 aten = torch.ops.aten
 PAD = 1e-12
 CLAMP = 60.0
+PIECES = 8  # pieces of an interval for the own remainder of a smooth function
 U = 2.0**-53
 
 Pair = tuple[Tensor, Tensor]
@@ -96,11 +101,54 @@ class Pointwise:
     prime0: Callable[[Tensor], Tensor]
     slope: Callable[[Box], Pair]
     image: Callable[[Tensor, Tensor], Pair]
+    # f′'s enclosure over [lo, hi] for a continuously differentiable f (None otherwise)
+    prime_range: Callable[[Tensor, Tensor], Pair] | None = None
 
 
 def _smooth(f: Callable[[Tensor], Tensor], prime: Callable[[Tensor], Tensor],
             points: list[float], image: Callable[[Tensor, Tensor], Pair]) -> Pointwise:
-    return Pointwise(f, prime, lambda x: derivative_range(prime, points, x.lo, x.hi), image)
+    def prime_range(lo: Tensor, hi: Tensor) -> Pair:
+        return derivative_range(prime, points, lo, hi)
+
+    return Pointwise(f, prime, lambda x: prime_range(x.lo, x.hi), image, prime_range)
+
+
+def remainder_range(fn: Pointwise, x0: Tensor, lo: Tensor, hi: Tensor,
+                    pieces: int = PIECES) -> Pair:
+    """An enclosure of R(x) = f(x) − f(x₀) − f′(x₀)(x − x₀) over x ∈ [lo, hi] ∋ x₀ for a
+    continuously differentiable f: [lo, x₀] and [x₀, hi] are cut into pieces/2 pieces each.
+    On a piece [a, b] of length L, with [m, M] the range of f′ − f′(x₀) there,
+    R(x) ≤ R(a) + α(x − a) and R(x) ≤ R(b) + β(b − x) (α = max(M, 0), β = max(−m, 0)), so
+    R ≤ (βR(a) + αR(b) + αβL)/(α + β), the value where the two lines cross (no point of the
+    piece is above both); symmetrically R ≥ (αR(a) + βR(b) − αβL)/(α + β). R at the cut
+    points is evaluated, with the rounding of f (PAD, module docstring) and of the sums."""
+    assert fn.prime_range is not None
+    p0 = fn.prime0(x0)
+    t = torch.linspace(0, 1, pieces // 2 + 1, dtype=F64).reshape(-1, *([1] * x0.dim()))
+    left = lo + (x0 - lo) * t[:-1]
+    right = x0 + (hi - x0) * t[1:-1]
+    cuts = torch.cat([left, right, hi.unsqueeze(0)])
+    cuts[pieces // 2] = x0
+    f0 = fn.f(x0)
+    fc = fn.f(cuts)
+    lin = p0 * (cuts - x0)
+    rem = fc - f0 - lin
+    err = PAD * (2 + fc.abs() + f0.abs()) + 4 * U * (fc.abs() + f0.abs() + lin.abs())
+    a, b = cuts[:-1], cuts[1:]
+    d_lo, d_hi = fn.prime_range(a, b)
+    alpha = (d_hi - p0).clamp(min=0) * (1 + 4 * U)
+    beta = (p0 - d_lo).clamp(min=0) * (1 + 4 * U)
+    length = (b - a) * (1 + 4 * U)
+    ra_lo, ra_hi = rem[:-1] - err[:-1], rem[:-1] + err[:-1]
+    rb_lo, rb_hi = rem[1:] - err[1:], rem[1:] + err[1:]
+    both = alpha + beta
+    flat = both == 0
+    safe = torch.where(flat, torch.ones_like(both), both)
+    up = (beta * ra_hi + alpha * rb_hi + alpha * beta * length) / safe
+    down = (alpha * ra_lo + beta * rb_lo - alpha * beta * length) / safe
+    up = torch.where(flat, torch.maximum(ra_hi, rb_hi), up + 8 * U * up.abs())
+    down = torch.where(flat, torch.minimum(ra_lo, rb_lo), down - 8 * U * down.abs())
+    return down.amin(0), up.amax(0)
 
 
 def _step(lo_cond: Tensor, hi_cond: Tensor) -> Pair:
@@ -117,9 +165,14 @@ GELU_TANH = _smooth(lambda t: F.gelu(t, approximate="tanh"), _gelu_tanh_prime,
 SILU = _smooth(F.silu, _silu_prime, _SILU_POINTS, _SILU[1])
 TANH = _smooth(torch.tanh, _tanh_prime, [0.0], _TANH[1])
 SIGMOID = _smooth(torch.sigmoid, _sigmoid_prime, [0.0], _SIGMOID[1])
-EXP = Pointwise(torch.exp, torch.exp,
-                lambda x: (torch.exp(x.lo) * (1 - PAD), torch.exp(x.hi) * (1 + PAD) + 1e-300),
-                lambda lo, hi: (torch.exp(lo), torch.exp(hi)))
+
+
+def _exp_range(lo: Tensor, hi: Tensor) -> Pair:
+    return torch.exp(lo) * (1 - PAD), torch.exp(hi) * (1 + PAD) + 1e-300
+
+
+EXP = Pointwise(torch.exp, torch.exp, lambda x: _exp_range(x.lo, x.hi),
+                lambda lo, hi: (torch.exp(lo), torch.exp(hi)), _exp_range)
 SQRT = Pointwise(torch.sqrt, lambda t: 0.5 / torch.sqrt(t),
                  lambda x: (0.5 / torch.sqrt(x.hi) * (1 - PAD), 0.5 / torch.sqrt(x.lo) * (1 + PAD)),
                  lambda lo, hi: (torch.sqrt(lo), torch.sqrt(hi)))
@@ -293,6 +346,9 @@ def pointwise_forward(ctx: FwdCtx, x: Box, *args: Any, **kwargs: Any) -> Box:
         p0 = fn.prime0(x.value)
         lin_lo, lin_hi = _times(p0, x.e_lo, x.e_hi)
         r_lo, r_hi = iv_times(*x.delta(), d_lo - p0, d_hi - p0)
+        if fn.prime_range is not None:
+            s_lo, s_hi = remainder_range(fn, x.value, x.lo, x.hi)
+            r_lo, r_hi = torch.maximum(r_lo, s_lo), torch.minimum(r_hi, s_hi)
         e_pad = pad + 4 * U * (lin_hi.abs() + lin_lo.abs() + r_hi.abs() + r_lo.abs())
         e_lo, e_hi = lin_lo + r_lo - e_pad, lin_hi + r_hi + e_pad
         own = (r_lo - e_pad, r_hi + e_pad)

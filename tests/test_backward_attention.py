@@ -1,0 +1,112 @@
+"""Attention's remainders (``rules/attention.py``), checked directly. The scores' own
+second-order term c·ΔQΔKᵀ (``_score_remainder``): at points of random input sets (boxes with
+per-row ℓ2 deviation bounds), and at the points that align ΔQ_i with ΔK_j at full
+deviation, where the bound c·‖Δq_i‖·‖Δk_j‖ is attained; and a scores' remainder carried to
+the output through the exact Jacobian (``_through_softmax``). Both at points where the
+bounds are reached, so a bound too small by any factor fails here, which the end-to-end
+rule tests cannot promise."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lipcert.bounds.backward import Box
+from lipcert.bounds.backward.rules.attention import (
+    AttentionParts,
+    _score_remainder,
+    _through_softmax,
+    softmax_box,
+    softmax_own,
+    softmax_remainder,
+)
+
+F64 = torch.float64
+
+
+def _box(value: Tensor, half: Tensor, rows: Tensor) -> Box:
+    zero = torch.zeros_like(value)
+    return Box(value, value - half, value + half, None, rows, zero, zero)
+
+
+def _inside(dev: Tensor, half: Tensor, rows: Tensor) -> Tensor:
+    """``dev`` clipped to the box and scaled into the row balls."""
+    dev = torch.maximum(torch.minimum(dev, half), -half)
+    norm = dev.norm(dim=-1, keepdim=True).clamp(min=1e-300)
+    return dev * torch.clamp(rows.unsqueeze(-1) / norm, max=1.0)
+
+
+def test_score_own_term_holds_and_is_attained() -> None:
+    g = torch.Generator().manual_seed(0)
+    reached = []
+    for case in range(100):
+        h, t, e = 2, 5, int(torch.randint(2, 9, (), generator=g))
+        q0, k0 = (torch.randn(1, h, t, e, generator=g, dtype=F64) for _ in range(2))
+        scale = float(10 ** torch.empty(()).uniform_(-3, 0, generator=g))
+        hq, hk = (torch.rand(1, h, t, e, generator=g, dtype=F64) * scale for _ in range(2))
+        rq = hq.norm(dim=-1) * torch.rand(1, h, t, generator=g, dtype=F64)
+        rk = hk.norm(dim=-1) * torch.rand(1, h, t, generator=g, dtype=F64)
+        if case % 2:  # the row balls inside the boxes: the ℓ2 bound is the binding one
+            hq, hk = rq.unsqueeze(-1).expand_as(hq), rk.unsqueeze(-1).expand_as(hk)
+        c = 1 / e**0.5
+        s0 = c * q0 @ k0.transpose(-1, -2)
+        _, (own_lo, own_hi) = _score_remainder(_box(q0, hq, rq), _box(k0, hk, rk), c, s0)
+        points = []
+        for _ in range(20):
+            dq = _inside(torch.randn(q0.shape, generator=g, dtype=F64) * hq, hq, rq)
+            dk = _inside(torch.randn(k0.shape, generator=g, dtype=F64) * hk, hk, rk)
+            points.append((dq, dk))
+        if case % 2:  # aligned rows at full deviation, both signs
+            u = torch.randn(e, generator=g, dtype=F64)
+            u = u / u.norm()
+            for sign in (1.0, -1.0):
+                points.append((sign * rq.unsqueeze(-1) * u, rk.unsqueeze(-1) * u))
+        for dq, dk in points:
+            own = c * dq @ dk.transpose(-1, -2)
+            tol = 1e-12 * (1 + s0.abs())
+            assert bool(((own >= own_lo - tol) & (own <= own_hi + tol)).all())
+        if case % 2:
+            best = torch.stack([(c * dq @ dk.transpose(-1, -2)).abs() for dq, dk in points])
+            bound = torch.maximum(own_lo.abs(), own_hi.abs())
+            reached.append(float((best.amax(0) / bound).median()))
+    assert min(reached) >= 0.99, reached
+
+
+def test_score_remainders_reach_the_output_through_the_exact_jacobian() -> None:
+    """``_through_softmax``: with the scores' deviation itself as their remainder
+    (ΔS ∈ [−h, h], no first-order part), Y − Y⁰ = (P − P⁰)V₀ lies in the enclosure at
+    random points and at the corners ΔS_i = ±h_i ⊙ sign(∂Y_id/∂S_i), and for small h
+    those corners reach the enclosure's ends to within 5% (the exact Jacobian
+    P⁰_ij(V₀_jd − Y⁰_id) is used, not |J₀| wrapped through |V₀ − w|)."""
+    g = torch.Generator().manual_seed(1)
+    for case in range(40):
+        L, S, E = 4, 6, 3
+        s0 = torch.randn(1, L, S, generator=g, dtype=F64) * 2
+        v0 = torch.randn(1, S, E, generator=g, dtype=F64)
+        h = torch.rand(1, L, S, generator=g, dtype=F64) * (1e-4 if case % 2 else 0.3)
+        p0, p_lo, p_hi = softmax_box(s0, s0 - h, s0 + h)
+        p_rem = softmax_remainder(p0, p_lo, p_hi, -h, h, -h, h)
+        parts = AttentionParts(1.0, p0, p_lo, p_hi, None, soft_own=softmax_own(
+            p0, p_lo, p_hi, -h, h))
+        y0 = p0 @ v0
+        w = v0.mean(-2, keepdim=True)
+        c, r = _through_softmax(parts, (-h, h), p_rem, v0, w, y0)
+        lo, hi = c - r, c + r
+        coef = p0.unsqueeze(-1) * (v0.unsqueeze(-3) - y0.unsqueeze(-2))  # (1, L, S, E)
+        points = [(torch.rand(h.shape, generator=g, dtype=F64) * 2 - 1) * h
+                  for _ in range(20)]
+        for d in range(E):
+            for sign in (1.0, -1.0):
+                points.append(sign * h * torch.sign(coef[..., d]))
+        reach_hi = torch.full_like(hi, -math.inf)
+        reach_lo = torch.full_like(lo, math.inf)
+        for ds in points:
+            dy = (torch.softmax(s0 + ds, -1) - p0) @ v0
+            tol = 1e-13 * (1 + y0.abs())
+            assert bool(((dy >= lo - tol) & (dy <= hi + tol)).all())
+            reach_hi, reach_lo = torch.maximum(reach_hi, dy), torch.minimum(reach_lo, dy)
+        if case % 2:
+            assert bool((reach_hi >= hi - 0.05 * (hi - lo)).all())
+            assert bool((reach_lo <= lo + 0.05 * (hi - lo)).all())
