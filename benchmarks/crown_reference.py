@@ -8,7 +8,8 @@ perturbation that DeepFool and PGD-L2 find (``attacks.minimal``), and CROWN's ce
 radius, searched from lipcert's radius: CROWN's lower bound of every margin z_y − z_j over
 B₂(x, ε) ∩ [0, 1]^784 is computed at ε = lipcert's radius; from there ε grows (if it
 certifies) or shrinks (if not) by 4× per step, up to 5 steps, until the answer changes,
-then one geometric midpoint narrows the bracket to 2×. Each row gives the bracket [lo, hi]:
+then ``--midpoints`` geometric bisection steps (default 1) narrow the bracket to 2× (√2×
+with 2). Each row gives the bracket [lo, hi]:
 CROWN certifies lo and does not certify hi. Writes ``crown.csv`` and ``crown.md`` under
 ``--out``.
 
@@ -188,8 +189,11 @@ class Crown:
         lower = self.margin_lower_bounds(x, label, eps)
         return bool(torch.isfinite(lower).all() and (lower > 0).all())
 
-    def radius_bracket(self, x: Tensor, label: int, start: float) -> tuple[float, float]:
-        """(lo, hi): CROWN certifies lo (0: nothing found) and not hi (inf: not reached)."""
+    def radius_bracket(self, x: Tensor, label: int, start: float, midpoints: int = 1
+                       ) -> tuple[float, float]:
+        """(lo, hi): CROWN certifies lo (0: nothing found) and not hi (inf: not reached);
+        ×4 or ÷4 steps from ``start`` until the answer changes, then ``midpoints``
+        geometric bisection steps (hi/lo = 4^(1/2^midpoints))."""
         up = self.certifies(x, label, start)
         lo, hi = (start, math.inf) if up else (0.0, start)
         for _ in range(5):
@@ -198,12 +202,14 @@ class Crown:
                 lo, hi = (eps, hi) if up else (lo, eps)
                 continue
             lo, hi = (lo, eps) if up else (eps, hi)
-            mid = math.sqrt(lo * hi)
-            return (mid, hi) if self.certifies(x, label, mid) else (lo, mid)
+            for _ in range(midpoints):
+                mid = math.sqrt(lo * hi)
+                lo, hi = (mid, hi) if self.certifies(x, label, mid) else (lo, mid)
+            return lo, hi
         return lo, hi
 
 
-def measure(run: Path, n: int) -> pd.DataFrame:
+def measure(run: Path, n: int, midpoints: int = 1) -> pd.DataFrame:
     vit = lipcert.load(run).eval()
     crown_model = CrownViT(vit).eval()
     data = load_dataset("mnist")
@@ -230,7 +236,8 @@ def measure(run: Path, n: int) -> pd.DataFrame:
     rows = []
     for i in range(len(x)):
         calls = len(crown.calls)
-        lo, hi = crown.radius_bracket(x[i:i + 1], int(y[i]), float(ours.radius[i]))
+        lo, hi = crown.radius_bracket(x[i:i + 1], int(y[i]), float(ours.radius[i]),
+                                      midpoints)
         rows.append({"model": run.name, "image": i, "lipcert margin radius":
                      float(ours.radius[i]), "CROWN lo": lo, "CROWN hi": hi,
                      "smallest adversarial": float(adversarial.iloc[i]),
@@ -291,6 +298,9 @@ def main() -> None:
                         help="instead: per-activation interval widths of lipcert and CROWN "
                         "at this radius, on test image --image")
     parser.add_argument("--image", type=int, default=0)
+    parser.add_argument("--midpoints", type=int, default=1,
+                        help="geometric bisection steps of CROWN's radius search after the "
+                        "×4 steps: its radius is known to 4^(1/2^midpoints) (default 2×)")
     args = parser.parse_args()
     for run in args.runs:
         if not (run / "model.safetensors").exists():
@@ -303,7 +313,8 @@ def main() -> None:
             print(interval_widths(run, args.image, args.widths)
                   .to_markdown(index=False, floatfmt=".3g"))
         return
-    table = pd.concat([measure(run, args.n) for run in args.runs], ignore_index=True)
+    table = pd.concat([measure(run, args.n, args.midpoints) for run in args.runs],
+                      ignore_index=True)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "crown.csv", index=False)
     (args.out / "crown.md").write_text(table.to_markdown(index=False, floatfmt=".3g") + "\n")

@@ -10,7 +10,9 @@ L2 ε ∈ {0.01, 0.02, 0.05, 0.1} and the median certified radius of the existin
 (``lipcert.certificate.certify(mode="local")``) and of ``margin_radii`` without
 (``wrapped``) and with symbolic remainders (``new``, the default); seconds per sample
 of each on one thread; and the median smallest adversarial L2 perturbation found by
-DeepFool and PGD-L2 (``attacks.minimal``), with the ratio to the median new radius. Then a
+DeepFool and PGD-L2 (``attacks.minimal``), with the ratio to the median new radius; and
+the radius audit of the new radii (``attacks.audit.radius_audit``: PGD-L2 inside each
+certified ball, 100 steps, 5 restarts), whose violations must be 0. Then a
 scaling sweep over width and depth (standard ViTs briefly trained, ``--sweep-n`` images):
 seconds per sample and median radius. Writes ``table.csv``, ``table.md``, ``sweep.csv`` and
 ``summary.json`` under ``--out``.
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 import lipcert
+from attacks.audit import radius_audit
 from attacks.minimal import minimal_perturbation
 from lipcert.bounds.backward import margin_radii
 from lipcert.certificate import certify
@@ -110,6 +113,7 @@ def measure(name: str, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, obje
     new = margin_radii(program, x, y)
     t_new = (time.perf_counter() - t) / len(x)
     attack = minimal_perturbation(model, x, y, methods=("deepfool", "pgdl2"))
+    audit = radius_audit(model, x, y, new.radius, model_name=name, steps=100, restarts=5)
     correct = new.pred == y
     adv = torch.tensor(attack["radius_l2"].to_numpy(), dtype=torch.float64)[correct]
     med_new = float(new.radius[correct].median()) if bool(correct.any()) else math.nan
@@ -129,6 +133,8 @@ def measure(name: str, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, obje
         "old s/sample": t_old,
         "wrapped s/sample": t_wrapped,
         "new s/sample": t_new,
+        "audited": len(audit),
+        "audit violations": int(audit["violation"].sum()),
     })
     return row
 

@@ -88,7 +88,8 @@ class FwdCtx:
     (dim 0 of the model input), a cache of weight-derived tensors (|W|, row norms, spectral
     norms) keyed by the weight tensor, and the first-order parts of the Taylor models of
     internal quantities (attention scores and probabilities) by name, and the symbolic
-    remainders' narrowing of an internal quantity's remainder (attention scores)."""
+    remainders' narrowing of an internal quantity's remainder (attention scores and
+    probabilities)."""
 
     node: Any = None
     n: int = 1

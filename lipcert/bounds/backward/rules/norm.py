@@ -86,7 +86,7 @@ def inverse_std_change(s0: Tensor, s_lo: Tensor, s_hi: Tensor, a_max: Tensor, b_
     convex with K(0) = K′(0) = 0. Both are written without cancellation."""
     x_lo = torch.maximum(-2 * a_max, s_lo.square() - s0.square()) / s0.square()
     x_hi = torch.minimum(2 * a_max + b_max, s_hi.square() - s0.square()) / s0.square()
-    x_lo = x_lo.clamp(min=-1 + 1e-300)
+    x_lo = x_lo.clamp(min=-1.0)  # s ≥ 0 (rounding only); at −1 the bounds are +inf
     x_hi = torch.maximum(x_hi, x_lo)
 
     def change(x: Tensor) -> Tensor:
@@ -154,7 +154,8 @@ def normalised(x: Box, k: int, eps: float, centred: bool, out: Box | None,
     z0 = u0 / s0
     g_dev, _ = inverse_std_change(s0, s_lo, s_hi, dot, big_d.square() / d)
     z_rad = (du + slack) / s_lo + torch.minimum(z0.abs() * big_d / math.sqrt(d) / s_lo,
-                                                (u0.abs() + slack) * g_dev)
+                                                torch.nan_to_num((u0.abs() + slack) * g_dev,
+                                                                 nan=math.inf))
     z_rad = z_rad + 1e-15 * (z0.abs() + z_rad) + TINY
     z_lo, z_hi = z0 - z_rad, z0 + z_rad
     q = torch.stack([u_lo / s_lo, u_lo / s_hi, u_hi / s_lo, u_hi / s_hi])
@@ -301,7 +302,8 @@ def _norm_remainder(x: Box, d: int, centred: bool, s_lo: Tensor, s_hi: Tensor, s
     n0_hi = torch.linalg.vector_norm(u0, dim=-1, keepdim=True) * (1 + gamma(d + 4))
     g_dev, h_dev = inverse_std_change(s0, s_lo, s_hi, centre_dot(u0, slack, rho, n0_hi, big_d),
                                       big_d.square() / d)
-    r = torch.minimum(r, p_rho * g_dev + (u0.abs() + slack) * h_dev)
+    sharp = p_rho * g_dev + (u0.abs() + slack) * h_dev
+    r = torch.minimum(r, torch.nan_to_num(sharp, nan=math.inf))  # 0·inf where s_lo = 0
     r = r * (1 + gamma(d + 8))
     c = j_c * g
     rad = (j_r + r) * g.abs()
