@@ -168,7 +168,8 @@ def sdpa(ctx: BackCtx, g: Grad, q: Any, k: Any, v: Any, attn_mask: Any = None,
         raise LipcertError("attention dropout in training mode: use model.eval()")
     if enable_gqa and q.shape[-3] != k.shape[-3]:
         raise LipcertError("grouped-query attention has no rule yet")
-    c, p0, p_lo, p_hi = attention_parts(q, k, attn_mask, is_causal, scale)[:4]
+    parts = attention_parts(q, k, attn_mask, is_causal, scale)
+    c, p0, p_lo, p_hi = parts.c, parts.p0, parts.p_lo, parts.p_hi
     aux = ctx.out.aux if isinstance(ctx.out, Box) else None
     if aux is not None:
         p_lo = torch.maximum(p_lo, aux["p_lo"])
@@ -415,7 +416,8 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
         raise LipcertError("grouped-query attention has no rule yet")
     name = getattr(ctx.node, "name", None)
     parts = attention_parts(q, k, attn_mask, is_causal, scale, ctx, name)
-    p0, p_lo, p_hi, keep, e_p, own_p = parts[1:7]
+    p0, p_lo, p_hi, keep = parts.p0, parts.p_lo, parts.p_hi, parts.keep
+    e_p, own_p = parts.e_p, parts.own_p
     v0, dv = _around_centre(v)
     v_lo, v_hi = (v.lo, v.hi) if isinstance(v, Box) else (v0, v0)
     w = v0.mean(-2, keepdim=True)
