@@ -87,7 +87,8 @@ class ForwardJacobians:
         src = self.vals[source]
         units = src[0].numel() // width
         at = next(i for i, nd in enumerate(self.nodes) if nd.name == source)
-        targets = targets | {part_owner(t) for t in targets}
+        recorded = targets
+        targets = targets | {part_owner(t) for t in targets}  # the nodes the pass must reach
         stop = max((i for i, nd in enumerate(self.nodes) if nd.name in targets), default=at)
         reach = {source}
         chain = []
@@ -98,7 +99,7 @@ class ForwardJacobians:
                 chain.append(nd)
         room = max(1, self.budget // max([src.numel()] + [self._size(nd) for nd in chain]))
         plan = _Plan(self, source, units, chain, targets, total, room)
-        rec = _Recorder(plan, total)
+        rec = _Recorder(plan, total, recorded)
         if total and source in targets:
             rec.sq[source] = torch.ones_like(src)
         chunk_c = max(1, min(width, room // plan.colours)) if plan.need_c else width
@@ -191,8 +192,7 @@ class ForwardJacobians:
             else:
                 parts[nd.name] = tan
             for name, t in parts.items():
-                if isinstance(t, Tensor) and (name == nd.name or rec.total
-                                              or name in rec.plan.targets):
+                if isinstance(t, Tensor) and (rec.total or name in rec.names):
                     rec.add(name, nd.name, t, compressed, c, us)
         return tan
 
@@ -268,10 +268,11 @@ class _Plan:
 
 
 class _Recorder:
-    """Sums of squared tangents per recorded node."""
+    """Sums of squared tangents per recorded node (``total``: every node and part, else
+    those in ``names``)."""
 
-    def __init__(self, plan: _Plan, total: bool) -> None:
-        self.plan, self.total = plan, total
+    def __init__(self, plan: _Plan, total: bool, names: set[str]) -> None:
+        self.plan, self.total, self.names = plan, total, names
         self.sq: dict[str, Tensor] = {}
 
     def add(self, name: str, node: str, t: Tensor, compressed: bool, c: int,

@@ -335,16 +335,16 @@ def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: floa
     return AttentionParts(c, p0, p_lo, p_hi, keep)
 
 
-def _through_softmax(parts: AttentionParts, s_rem: Pair | None, p_rem: Pair, v0: Tensor,
+def _through_softmax(parts: AttentionParts, s_rem: Pair, p_rem: Pair, v0: Tensor,
                      w: Tensor, y0: Tensor) -> tuple[Tensor, Tensor]:
-    """A remainder of P carried to Y = P V₀ (centre and radius): p_rem·(V₀ − w), and, where
+    """A remainder of P carried to Y = P V₀ (centre and radius): p_rem·(V₀ − w), and, since
     p_rem = J₀·s_rem + R_soft comes from a remainder s_rem of the scores, also
     J_{Y←S}·s_rem + R_soft·(V₀ − w) with the exact centre Jacobian
     ∂Y_id/∂S_ij = P⁰_ij(V₀_jd − Y⁰_id): the softmax's Jacobian is not wrapped through
     |J₀| before meeting V₀. The intersection of both."""
-    lo, hi = _around(iv_matmul(mid_rad(*p_rem), (v0 - w, None)))
-    if s_rem is None or parts.soft_own is None:
-        return mid_rad(lo, hi)
+    assert parts.soft_own is not None
+    c, r = iv_matmul(mid_rad(*p_rem), (v0 - w, None))
+    lo, hi = c - r, c + r
     coef = parts.p0.unsqueeze(-1) * (v0.unsqueeze(-3) - y0.unsqueeze(-2))  # (…, L, S, E)
     coef_r = 4 * U * parts.p0.unsqueeze(-1) * (v0.abs().unsqueeze(-3) + y0.abs().unsqueeze(-2))
     sc, sr = mid_rad(*s_rem)
@@ -357,10 +357,6 @@ def _through_softmax(parts: AttentionParts, s_rem: Pair | None, p_rem: Pair, v0:
     lo = torch.maximum(lo, ctr + soft_c - rad - soft_r)
     hi = torch.minimum(hi, ctr + soft_c + rad + soft_r)
     return mid_rad(lo, torch.maximum(lo, hi))
-
-
-def _around(cr: tuple[Tensor, Tensor]) -> Pair:
-    return cr[0] - cr[1], cr[0] + cr[1]
 
 
 def _score_remainder(q: Any, k: Any, c: float, s0: Tensor
