@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lipcert.bounds.backward import Box
+from lipcert.bounds.backward.interval import GroupDot
 from lipcert.bounds.backward.rules.norm import centre_dot, inverse_std_change, normalised
 
 F64 = torch.float64
@@ -72,9 +73,10 @@ def test_inverse_std_change_holds_and_is_tight(centred: bool) -> None:
         s_lo, s_hi, zc, zr = normalised(box, 1, eps, centred, None, None, None)
         u0 = v - v.mean() if centred else v
         s0 = torch.sqrt(u0.square().mean(-1, keepdim=True) + eps)
-        a_max = centre_dot(u0, torch.zeros_like(u0), rho, u0.norm(dim=-1, keepdim=True), ball)
+        a_lo, a_max = centre_dot(u0, torch.zeros_like(u0), rho, u0.norm(dim=-1, keepdim=True),
+                                 ball)
         b_max = ball.square() / d
-        g_dev, h_dev = inverse_std_change(s0, s_lo, s_hi, a_max, b_max)
+        g_dev, h_dev = inverse_std_change(s0, s_lo, s_hi, a_lo, a_max, b_max)
         dx = _points(g, u0, rho, ball, centred)
         du = dx - dx.mean(-1, keepdim=True) if centred else dx
         s = torch.sqrt((u0 + du).square().mean(-1, keepdim=True) + eps)
@@ -91,3 +93,44 @@ def test_inverse_std_change_holds_and_is_tight(centred: bool) -> None:
             reached.append(float(change.abs().max() / g_dev))
     assert len(reached) >= CASES // 4, "too few cases checked for tightness"
     assert min(reached) >= 0.4 and float(torch.tensor(reached).median()) >= 0.7, reached
+
+
+@pytest.mark.parametrize("centred", [True, False])
+def test_a_signed_centre_dot_range_narrows_soundly(centred: bool) -> None:
+    """With a range [lo, hi] of ⟨w, Δx⟩ attached to the input (``Box.dot``, w within
+    rounding of u₀; here the set is cut to lo = −f·hi, hi the largest value over the set),
+    s, ẑ, |g − g₀| and |g − g₀ − ∇g₀·Δu| stay within their bounds at every point of the
+    cut set (its lower end included), and s_lo is at least the one without the range."""
+    g = torch.Generator().manual_seed(5)
+    for _ in range(CASES):
+        v, rho, ball, eps = _case(g, centred)
+        d = v.shape[-1]
+        u0 = v - v.mean() if centred else v
+        dx = _points(g, u0, rho, ball, centred)
+        w = u0 * (1 + 1e-15 * torch.randn(u0.shape, generator=g, dtype=F64))
+        top, at = (dx * w).sum(-1).max(0)
+        top = float(top)
+        frac = float(torch.rand((), generator=g))
+        dx = torch.cat([dx, -frac * dx[at:at + 1] * (1 - 1e-12)])  # the cut's lower end
+        dot = GroupDot(w, torch.full((1, 1), -frac * top, dtype=F64),
+                       torch.full((1, 1), top, dtype=F64))
+        dx = dx[(dx * w).sum(-1) >= -frac * top]
+        plain = Box(v, v - rho, v + rho, None, ball.reshape(1))
+        box = Box(v, v - rho, v + rho, None, ball.reshape(1), dot=dot)
+        s_lo, s_hi, zc, zr = normalised(box, 1, eps, centred, None, None, None)
+        assert bool((s_lo >= normalised(plain, 1, eps, centred, None, None, None)[0]).all())
+        s0 = torch.sqrt(u0.square().mean(-1, keepdim=True) + eps)
+        a_lo, a_hi = centre_dot(u0, torch.zeros_like(u0), rho, u0.norm(dim=-1, keepdim=True),
+                                ball, dot)
+        assert float(a_lo) >= -frac * top / d * (1 + 1e-9) - 1e-300
+        g_dev, h_dev = inverse_std_change(s0, s_lo, s_hi, a_lo, a_hi, ball.square() / d)
+        du = dx - dx.mean(-1, keepdim=True) if centred else dx
+        s = torch.sqrt((u0 + du).square().mean(-1, keepdim=True) + eps)
+        change = 1 / s - 1 / s0
+        second = change + (u0 * du).sum(-1, keepdim=True) / d / s0**3
+        tol = 1e-12 / s0
+        assert bool(((s >= s_lo - tol) & (s <= s_hi + tol)).all()), "s leaves [s_lo, s_hi]"
+        z = (u0 + du) / s
+        assert bool(((z - zc).abs() <= zr + 1e-12 * (1 + z.abs())).all()), "ẑ leaves its box"
+        assert bool((change.abs() <= g_dev + tol).all()), "|g − g₀| above its bound"
+        assert bool((second.abs() <= h_dev + tol).all()), "|g − g₀ − ∇g₀Δu| above its bound"

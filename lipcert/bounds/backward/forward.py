@@ -71,7 +71,7 @@ def _finish(out: Any, lin: Tensor | None) -> Any:
         e_hi = torch.minimum(e_hi, hi - v + lin + pad)
     lo, hi = torch.minimum(lo, v), torch.maximum(hi, v)
     if v.dim() == 0:
-        return Box(v, lo, hi, out.l2, None, e_lo, e_hi, out.aux, own_lo, own_hi)
+        return Box(v, lo, hi, out.l2, None, e_lo, e_hi, out.aux, own_lo, own_hi, out.dot)
     rdev = row_norm(torch.maximum(hi - v, v - lo))
     if out.rdev is not None:
         rdev = torch.minimum(rdev, out.rdev.expand(rdev.shape))
@@ -80,7 +80,7 @@ def _finish(out: Any, lin: Tensor | None) -> Any:
     move = rdev.unsqueeze(-1) + pad
     lo = torch.maximum(lo, v - move)
     hi = torch.minimum(hi, v + move)
-    return Box(v, lo, hi, out.l2, rdev, e_lo, e_hi, out.aux, own_lo, own_hi)
+    return Box(v, lo, hi, out.l2, rdev, e_lo, e_hi, out.aux, own_lo, own_hi, out.dot)
 
 
 def input_box(domain: Domain, center: Tensor, radius: Tensor) -> Box:
@@ -161,7 +161,8 @@ class Intervals:
         self.prepare(center)
         self.symbolic = None
         env0 = self(center, torch.zeros(center.shape[0], dtype=F64))
-        sym = SymbolicRemainders(self.graph, self.consts, self.prop.input_name, logits_name)
+        sym = SymbolicRemainders(self.graph, self.consts, self.prop.input_name, logits_name,
+                                 self.domain)
         if not sym.prepare(center, labels, env0, self.batch_major, self.jacobians):
             return False
         self.symbolic, self._symbolic_key = sym, (center, labels)

@@ -66,6 +66,18 @@ class Grad:
 
 
 @dataclass
+class GroupDot:
+    """The range [lo, hi] over the input set of ⟨w_g, x_g − x₀_g⟩ for every group g of an
+    activation's last ``d`` elements (groups in the order of ``x.reshape(-1, d)``), with
+    ``w`` (groups, d) a fixed vector per group: the centre's centred values, for the
+    LayerNorm that reads x (``symbolic.py``)."""
+
+    w: Tensor
+    lo: Tensor  # (groups, 1)
+    hi: Tensor
+
+
+@dataclass
 class Box:
     """Forward intervals of one activation: ``value`` at the centre input and ``lo``, ``hi``
     over the input set (float64, the activation's shape; ``value`` lies in [lo, hi])."""
@@ -80,6 +92,7 @@ class Box:
     aux: dict[str, Tensor] | None = None  # a rule's internal enclosures, for its backward rule
     own_lo: Tensor | None = None  # the op's own remainder y − y₀ − J₀(x − x₀) ∈ [own_lo,
     own_hi: Tensor | None = None  # own_hi] (None: affine op, or not tracked)
+    dot: GroupDot | None = None  # ⟨u₀, x − x₀⟩ per group, for a normalisation reading x
 
     @property
     def shape(self) -> torch.Size:

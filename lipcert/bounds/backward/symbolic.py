@@ -26,6 +26,20 @@ enclosure by a factor 3 to 20 per matrix; here each R_k is taken in absolute val
   m_j(x′) ≥ m_j(x) − r·‖∇m_j(x)‖ + Σ_k Σ_e min(g_k,e·R_lo,e, g_k,e·R_hi,e), with ∇m_j(x)
   from the same reverse pass (:meth:`input_gradient`; its norm is domain-aware).
 
+* Normalisations. LayerNorm's variance over the set depends on a = ⟨u₀, Δx⟩/d per group
+  (``rules/norm.py``), which interval arithmetic bounds by Σ|u₀_i|·|Δx_i|: every element
+  at its worst at once. The same unrolling gives, for w = u₀ (the centre's centred group;
+  RMSNorm: its values) and the Taylor model Δx = A·δ + Σ_k M_{x←k}R_k,
+
+      ⟨w, Δx⟩ = ⟨Aᵀw, δ⟩ + Σ_k ⟨M_{x←k}ᵀw, R_k⟩,
+
+  so ⟨w, Δx⟩ ∈ [−r‖v⁻‖ + Σ_k Σ_e min(w_k,e·R_lo,e, w_k,e·R_hi,e), r‖v⁺‖ + Σ_k Σ_e max(…)],
+  w_k = M_{x←k}ᵀw and v = Aᵀw (reverse mode, one pass per group, once per batch), and ‖v⁺‖
+  the domain-aware norm as for the margins (a coordinate at the lower end of a box domain
+  only grows: v⁺_i = max(v_i, 0) there, max(−v_i, 0) at the upper end, |v_i| elsewhere;
+  v⁻ the same for −v). The walk attaches the range to the normalisation's input
+  (``Box.dot``). Off for the normalisations beyond MAX_DOT_WEIGHTS weights per sample.
+
 Which ops are affine is decided per node (:func:`is_affine`): a node with a remainder and
 no own term must be one of them, else the method is off for that model (never guessed).
 It needs the batch in dim 0 of every non-affine op and target (checked with the bound
@@ -42,6 +56,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,13 +64,15 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from lipcert.bounds.backward.evaluation import SDPA, node_values
-from lipcert.bounds.backward.interval import TINY, Box, Grad
+from lipcert.bounds.backward.interval import TINY, Box, Grad, GroupDot
 from lipcert.bounds.backward.jacobian import PARTS, ForwardJacobians, part_owner
-from lipcert.bounds.state import F64, gamma
+from lipcert.bounds.state import F64, BoxDomain, Domain, gamma
 
 aten = torch.ops.aten
 G_REL = 1e-9  # relative padding of the float64 centre gradients
 MAX_COLUMNS = 2**16  # the most per-sample coordinates of all non-affine ops together
+MAX_DOT_WEIGHTS = 2**20  # per sample: Σ over normalisations of groups × source coordinates
+NORMS = {aten.layer_norm: True, aten.rms_norm: False}  # normalisation → centred
 
 _AFFINE = {
     aten.reshape, aten.view, aten._unsafe_view, aten.view_copy, aten.permute, aten.transpose,
@@ -110,6 +127,32 @@ def _ancestors(graph: torch.fx.Graph) -> dict[str, set[str]]:
     return up
 
 
+@dataclass
+class _DotWeights:
+    """⟨w_g, Δx_g⟩ for every group g of a normalisation's input x (module docstring):
+    w (n, G, d); ``gains[k]`` (G, n, …) = M_{x←k}ᵀw; ``up``, ``down`` (G, n): ‖v⁺‖, ‖v⁻‖
+    of v = Aᵀw, rounded up."""
+
+    w: Tensor
+    gains: dict[str, Tensor]
+    up: Tensor
+    down: Tensor
+
+
+def _weighted(g: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Bounds of Σ_e g_e·R_e over R ∈ [lo, hi] (one per leading index of g and sample; g
+    (m, n, …), lo and hi (n, …)), with the float padding of g (1e-9 of each entry, 1e-12 of
+    the largest) and γ of the sum's length."""
+    lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
+    top = float(g.abs().max()) if g.numel() else 0.0
+    slack = (G_REL * g.abs() + 1e-12 * top) * torch.maximum(lo.abs(), hi.abs())
+    a, b = g * lo, g * hi
+    low = (torch.minimum(a, b) - slack).flatten(2)
+    high = (torch.maximum(a, b) + slack).flatten(2)
+    pad = gamma(low.shape[2] + 2) * torch.maximum(low.abs(), high.abs()).sum(2)
+    return low.sum(2) - pad, high.sum(2) + pad
+
+
 def _rows_norm(lo: Tensor, hi: Tensor) -> Tensor:
     """(rows, n): ‖R_row‖₂ per sample of an own-remainder enclosure [lo, hi] (dim 0 batch,
     rows along the last dimension), rounded up."""
@@ -123,10 +166,12 @@ class SymbolicRemainders:
     forward walk and :meth:`margin_terms` after it (module docstring)."""
 
     def __init__(self, graph: torch.fx.Graph, consts: dict[str, Any], input_name: str,
-                 logits_name: str) -> None:
+                 logits_name: str, domain: Domain | None = None) -> None:
         self.graph, self.consts = graph, consts
         self.input_name, self.logits_name = input_name, logits_name
+        self.domain = domain
         self.ready = False
+        self.dots: dict[str, _DotWeights] = {}
         self.sources: list[str] = []
         self.before: dict[str, list[str]] = {}
         self.gains: dict[tuple[str, str], Tensor] = {}
@@ -142,6 +187,7 @@ class SymbolicRemainders:
         method. ``jacobians``: the forward-mode engine already set up for ``center``."""
         self.ready = False
         self.grads = {}
+        self.dots = {}
         self.input_grad = None
         order = [nd for nd in self.graph.nodes if nd.op == "call_function"
                  and _has_box(env0.get(nd.name))]
@@ -185,20 +231,69 @@ class SymbolicRemainders:
         self.before = {t: ks for t, ks in self.before.items()
                        if all((t, k) in gains for k in ks)}
         self.sources, self.gains = sources, gains
+        xg = x.clone().requires_grad_(True)
+        vals = node_values(self.graph, self.consts, self.input_name, xg)
+        self.dots = self._dot_weights(order, vals, xg, env0, batch_major)
         if labels is not None:
-            self.grads = self._margin_gradients(x, labels.reshape(-1).long(), sources)
+            self.grads = self._margin_gradients(vals, xg, labels.reshape(-1).long(), sources)
         self.ready = True
         return True
 
-    def _margin_gradients(self, x: Tensor, labels: Tensor, names: list[str]
-                          ) -> dict[str, Tensor]:
+    def _dot_weights(self, order: list[torch.fx.Node], vals: dict[str, Any], xg: Tensor,
+                     env0: dict[str, Any], batch_major: Callable[[str], bool]
+                     ) -> dict[str, _DotWeights]:
+        """The weights of ⟨w_g, Δx_g⟩ for the input x of every LayerNorm and RMSNorm
+        (module docstring), while their number stays within MAX_DOT_WEIGHTS per sample."""
+        out: dict[str, _DotWeights] = {}
+        budget = MAX_DOT_WEIGHTS
+        for node in order:
+            centred = NORMS.get(_packet(node.target))
+            x = node.args[0]
+            if centred is None or not isinstance(x, torch.fx.Node) \
+                    or x.name not in self.before or x.name in out or not batch_major(x.name):
+                continue
+            value = vals[x.name]
+            d = math.prod(node.args[1])
+            groups = value[0].numel() // d
+            ks = self.before[x.name]
+            cost = groups * sum(env0[k].value[0].numel() for k in ks)
+            if cost > budget:
+                continue
+            budget -= cost
+            xs = value.reshape(value.shape[0], groups, d)
+            w = (xs - xs.mean(-1, keepdim=True) if centred else xs).detach()
+            per_group = [torch.autograd.grad((xs[:, g] * w[:, g]).sum(),
+                                             [vals[k] for k in ks] + [xg], retain_graph=True,
+                                             allow_unused=True) for g in range(groups)]
+            gains = {k: torch.stack([torch.zeros_like(vals[k]) if row[i] is None
+                                     else row[i].detach() for row in per_group])
+                     for i, k in enumerate(ks)}
+            v = torch.stack([torch.zeros_like(xg) if row[-1] is None else row[-1].detach()
+                             for row in per_group])
+            out[x.name] = _DotWeights(w, gains, self._domain_norm(v, xg),
+                                      self._domain_norm(-v, xg))
+        return out
+
+    def _domain_norm(self, v: Tensor, x: Tensor) -> Tensor:
+        """(m, n): a bound of max ⟨v, δ⟩ over ‖δ‖ ≤ 1 within the domain at x (module
+        docstring), for v (m, n, …), rounded up."""
+        mag = v.abs()
+        if isinstance(self.domain, BoxDomain):
+            c = x.detach().unsqueeze(0)
+            mag = torch.where(c <= self.domain.lo, v.clamp(min=0), mag)
+            mag = torch.where(c >= self.domain.hi, (-v).clamp(min=0), mag)
+        mag = mag.flatten(2)
+        norm = torch.linalg.vector_norm(mag, dim=2) * (1 + gamma(mag.shape[2] + 2))
+        top = float(norm.max()) if norm.numel() else 0.0
+        return norm * (1 + G_REL) + 1e-12 * top + TINY
+
+    def _margin_gradients(self, vals: dict[str, Any], xg: Tensor, labels: Tensor,
+                          names: list[str]) -> dict[str, Tensor]:
         """{source: (C, n, ...)} ∂m_j/∂(source output) at the centre, m_j = z_y − z_j,
         raised in magnitude by the float padding (kept as signed values; the padding is
         applied in :meth:`margin_terms`)."""
         if not names:
             return {}
-        xg = x.clone().requires_grad_(True)
-        vals = node_values(self.graph, self.consts, self.input_name, xg)
         z = vals[self.logits_name]
         zy = z.gather(1, labels[:, None]).squeeze(1)
         outs = [vals[k] for k in names] + [xg]
@@ -241,25 +336,40 @@ class SymbolicRemainders:
         own_lo, own_hi = (box.own_lo, box.own_hi) if box.has_own else (0.0, 0.0)
         e_lo = torch.maximum(box.e_lo, own_lo - total)
         e_hi = torch.minimum(box.e_hi, own_hi + total)
+        dot = self._dot_range(name, env)
         return Box(box.value, box.lo, box.hi, box.l2, box.rdev, e_lo, e_hi, box.aux,
-                   box.own_lo, box.own_hi)
+                   box.own_lo, box.own_hi, dot if dot is not None else box.dot)
+
+    def _dot_range(self, name: str, env: dict[str, Any]) -> GroupDot | None:
+        """The range of ⟨w_g, Δx_g⟩ for a normalisation's input x (module docstring)."""
+        weights = self.dots.get(name)
+        radius = getattr(env.get(self.input_name), "l2", None)
+        if weights is None or radius is None:
+            return None
+        lo, hi = -radius * weights.down, radius * weights.up  # (G, n)
+        size = hi - lo
+        for k, g in weights.gains.items():
+            src = env[k]
+            if not isinstance(src, Box) or not src.has_own:
+                return None
+            t_lo, t_hi = _weighted(g, src.own_lo, src.own_hi)
+            lo, hi, size = lo + t_lo, hi + t_hi, size + t_lo.abs() + t_hi.abs()
+        pad = gamma(len(weights.gains) + 3) * size
+        lo, hi = lo - pad, hi + pad
+        d = weights.w.shape[-1]
+        return GroupDot(weights.w.reshape(-1, d), lo.T.reshape(-1, 1), hi.T.reshape(-1, 1))
 
     def margin_terms(self, env: dict[str, Any], n: int, classes: int) -> Tensor | None:
         """(n, C) lower bounds of Σ_k g_k·R_k for every margin, or None if unavailable."""
         if not self.ready or any(k not in self.grads for k in self.sources):
             return None
         total = torch.zeros(classes, n, dtype=F64)
-        count = 0
+        size = torch.zeros(classes, n, dtype=F64)
         for k in self.sources:
             src = env[k]
             if not isinstance(src, Box) or not src.has_own:
                 return None
-            g = self.grads[k]
-            lo, hi = src.own_lo.unsqueeze(0), src.own_hi.unsqueeze(0)
-            top = float(g.abs().max()) if g.numel() else 0.0
-            slack = (G_REL * g.abs() + 1e-12 * top) * torch.maximum(lo.abs(), hi.abs())
-            t = torch.minimum(g * lo, g * hi) - slack
-            total = total + t.flatten(2).sum(2)
-            count += g[0, 0].numel()
-        total = total - gamma(count + 2) * total.abs() - TINY
+            term = _weighted(self.grads[k], src.own_lo, src.own_hi)[0]
+            total, size = total + term, size + term.abs()
+        total = total - gamma(len(self.sources) + 2) * size - TINY
         return torch.nan_to_num(total.T.contiguous(), nan=-math.inf)

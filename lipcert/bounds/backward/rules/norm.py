@@ -13,7 +13,11 @@ the input set from the input's forward interval and its centre value x₀ (Δx =
   ‖Δu‖ ≤ ‖Δx‖ ≤ ‖ρ‖ =: D;
 * ‖u‖ ∈ [max(‖u₀‖ − D, √Σ dist(0, [u_i])²), min(‖u₀‖ + D, √Σ max(u_lo², u_hi²))], and
   from ‖u‖² = ‖u₀‖² + 2⟨u₀, Δu⟩ + ‖Δu‖² with |⟨u₀, Δu⟩| = |⟨u₀, Δx⟩| ≤ Σ|u₀_i|ρ_i =: d·A
-  (Pu₀ = u₀), ‖u‖² ∈ [‖u₀‖² − 2dA, ‖u₀‖² + 2dA + D²]; hence s ∈ [s_lo, s_hi] with
+  (Pu₀ = u₀), ‖u‖² ∈ [‖u₀‖² − 2dA, ‖u₀‖² + 2dA + D²]; where the symbolic remainders give
+  a signed range of ⟨u₀, Δx⟩ (``Box.dot``: first-order part ⟨Aᵀu₀, δ⟩ plus the weighted own
+  remainders, without Σ|u₀_i|ρ_i's worst case of every element at once), a ∈ [a_lo, a_hi]
+  is that range ∩ [−A, A] and ‖u‖² ∈ [‖u₀‖² + 2d·a_lo, ‖u₀‖² + 2d·a_hi + D²]; hence
+  s ∈ [s_lo, s_hi] with
   s_lo ≥ √ε > 0 always (a careful lower bound: it never uses the centre's variance
   without subtracting the largest possible change);
 * ẑ − ẑ₀ = Δu/s + ẑ₀(s₀ − s)/s and |s − s₀| ≤ ‖Δu‖/√d (s is (1/√d)-Lipschitz in u), so
@@ -22,7 +26,7 @@ the input set from the input's forward interval and its centre value x₀ (Δx =
   smaller of the two is used); intersected with [u_i]/[s], with |ẑ_i| ≤ √d and with
   (y − β)/γ from the output's forward interval.
 
-Remainder: s² = s₀² + 2a + b exactly, with a = ⟨u₀, Δu⟩/d ∈ [−A, A] and
+Remainder: s² = s₀² + 2a + b exactly, with a = ⟨u₀, Δu⟩/d ∈ [a_lo, a_hi] and
 b = ‖Δu‖²/d ∈ [0, D²/d], so g = 1/s is a function of t = 2a + b alone: g − g₀ is
 decreasing in t, and g − g₀ − ∇g₀·Δu = g − g₀ + a/s₀³ = K(t) − b/(2s₀³), K convex with
 K(0) = K′(0) = 0 (:func:`inverse_std_change`). Exact ranges over the ranges of t and b,
@@ -40,7 +44,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lipcert.bounds.backward.interval import TINY, Box, Grad, dot_last, mid_rad, mul, widen
+from lipcert.bounds.backward.interval import (
+    TINY,
+    Box,
+    Grad,
+    GroupDot,
+    dot_last,
+    mid_rad,
+    mul,
+    widen,
+)
 from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
 from lipcert.bounds.state import F64, gamma
 from lipcert.errors import LipcertError
@@ -67,25 +80,37 @@ def centre_radius_p(r: Tensor, d: int) -> Tensor:
     return r * (1 - 2 / d) + r.sum(-1, keepdim=True) / d if d > 1 else torch.zeros_like(r)
 
 
-def centre_dot(u0: Tensor, slack: Tensor, rho: Tensor, n0_hi: Tensor, big_d: Tensor
-               ) -> Tensor:
-    """A ≥ |a| per group, a = ⟨u₀, Δu⟩/d: ⟨u₀, PΔx⟩ = ⟨Pu₀, Δx⟩ = ⟨u₀, Δx⟩, so
-    |a| ≤ Σ_i |u₀_i|·ρ_i/d, and |a| ≤ ‖u₀‖·D/d (``slack``: the rounding of the float u₀)."""
+def centre_dot(u0: Tensor, slack: Tensor, rho: Tensor, n0_hi: Tensor, big_d: Tensor,
+               dot: GroupDot | None = None) -> tuple[Tensor, Tensor]:
+    """[a_lo, a_hi] ∋ a per group, a = ⟨u₀, Δu⟩/d: ⟨u₀, PΔx⟩ = ⟨Pu₀, Δx⟩ = ⟨u₀, Δx⟩, so
+    |a| ≤ Σ_i |u₀_i|·ρ_i/d and |a| ≤ ‖u₀‖·D/d (``slack``: the rounding of the float u₀).
+    ``dot``: the range of ⟨w, Δx⟩ for a fixed w ≈ u₀ from the symbolic remainders
+    (``symbolic.py``); ⟨u₀, Δx⟩ = ⟨w, Δx⟩ + ⟨u₀ − w, Δx⟩ with
+    |⟨u₀ − w, Δx⟩| ≤ (‖u₀ − w‖ + ‖slack‖)·D. a = 0 at the centre, so a_lo ≤ 0 ≤ a_hi."""
     d = u0.shape[-1]
     by_box = ((u0.abs() + slack) * rho).sum(-1, keepdim=True) * (1 + gamma(d + 4))
-    return torch.minimum(by_box, n0_hi * big_d * (1 + gamma(4))) / d
+    a_max = torch.minimum(by_box, n0_hi * big_d * (1 + gamma(4))) / d
+    a_lo, a_hi = -a_max, a_max
+    if dot is not None and dot.w.shape == u0.shape:
+        miss = (torch.linalg.vector_norm(u0 - dot.w, dim=-1, keepdim=True)
+                + torch.linalg.vector_norm(slack, dim=-1, keepdim=True)) * big_d
+        miss = miss * (1 + gamma(d + 8))
+        pad = gamma(4) * (dot.lo.abs() + dot.hi.abs() + miss)
+        a_lo = torch.maximum(a_lo, (dot.lo - miss - pad) / d)
+        a_hi = torch.minimum(a_hi, (dot.hi + miss + pad) / d)
+    return a_lo.clamp(max=0.0), a_hi.clamp(min=0.0)
 
 
-def inverse_std_change(s0: Tensor, s_lo: Tensor, s_hi: Tensor, a_max: Tensor, b_max: Tensor
-                       ) -> tuple[Tensor, Tensor]:
+def inverse_std_change(s0: Tensor, s_lo: Tensor, s_hi: Tensor, a_lo: Tensor, a_hi: Tensor,
+                       b_max: Tensor) -> tuple[Tensor, Tensor]:
     """Bounds (G, H) of |g − g₀| and |g − g₀ − ∇g₀·Δu| for g = 1/s over the set, from
-    s² = s₀² + 2a + b with a = ⟨u₀, Δu⟩/d ∈ [−a_max, a_max], b = ‖Δu‖²/d ∈ [0, b_max]
+    s² = s₀² + 2a + b with a = ⟨u₀, Δu⟩/d ∈ [a_lo, a_hi], b = ‖Δu‖²/d ∈ [0, b_max]
     and s ∈ [s_lo, s_hi] (module docstring). With t = 2a + b = x·s₀² and
     q = √(1 + x): g − g₀ = −x/(q(1 + q)s₀), decreasing in t; ∇g₀·Δu = −a/s₀³, so
     g − g₀ − ∇g₀·Δu = K(t) − b/(2s₀³) with K(t) = g − g₀ + t/(2s₀³) = x²(q + 2)/(2q(1 + q)²s₀),
     convex with K(0) = K′(0) = 0. Both are written without cancellation."""
-    x_lo = torch.maximum(-2 * a_max, s_lo.square() - s0.square()) / s0.square()
-    x_hi = torch.minimum(2 * a_max + b_max, s_hi.square() - s0.square()) / s0.square()
+    x_lo = torch.maximum(2 * a_lo, s_lo.square() - s0.square()) / s0.square()
+    x_hi = torch.minimum(2 * a_hi + b_max, s_hi.square() - s0.square()) / s0.square()
     x_lo = x_lo.clamp(min=-1.0)  # s ≥ 0 (rounding only); at −1 the bounds are +inf
     x_hi = torch.maximum(x_hi, x_lo)
 
@@ -143,16 +168,18 @@ def normalised(x: Box, k: int, eps: float, centred: bool, out: Box | None,
     box_lo = (_dist0(u_lo, u_hi).square().sum(-1, keepdim=True) * (1 - gamma(d + 2))).sqrt()
     box_hi = (torch.maximum(u_lo.square(), u_hi.square()).sum(-1, keepdim=True)
               * (1 + gamma(d + 2))).sqrt()
-    dot = centre_dot(u0, slack, rho, n0_hi, big_d)
-    sq_lo = (n0_lo.clamp(min=0).square() * (1 - gamma(4)) - 2 * d * dot).clamp(min=0)
-    sq_hi = (n0_hi.square() + 2 * d * dot + big_d.square()) * (1 + gamma(4))
+    a_lo, a_hi = centre_dot(u0, slack, rho, n0_hi, big_d, x.dot)
+    n0_sq = n0_lo.clamp(min=0).square()
+    sq_lo = (n0_sq + 2 * d * a_lo - gamma(4) * (n0_sq + 2 * d * a_lo.abs())).clamp(min=0)
+    n1_sq = n0_hi.square() + big_d.square()
+    sq_hi = n1_sq + 2 * d * a_hi + gamma(4) * (n1_sq + 2 * d * a_hi.abs())
     n_lo = torch.maximum(torch.maximum((n0_lo - big_d).clamp(min=0), box_lo), sq_lo.sqrt())
     n_hi = torch.minimum(torch.minimum(n0_hi + big_d, box_hi), sq_hi.sqrt())
     s_lo = torch.sqrt(n_lo.square() / d + eps) * (1 - 1e-15)
     s_hi = torch.sqrt(n_hi.square() / d + eps) * (1 + 1e-15)
     s0 = torch.sqrt(n0.square() / d + eps)
     z0 = u0 / s0
-    g_dev, _ = inverse_std_change(s0, s_lo, s_hi, dot, big_d.square() / d)
+    g_dev, _ = inverse_std_change(s0, s_lo, s_hi, a_lo, a_hi, big_d.square() / d)
     z_rad = (du + slack) / s_lo + torch.minimum(z0.abs() * big_d / math.sqrt(d) / s_lo,
                                                 torch.nan_to_num((u0.abs() + slack) * g_dev,
                                                                  nan=math.inf))
@@ -300,8 +327,8 @@ def _norm_remainder(x: Box, d: int, centred: bool, s_lo: Tensor, s_hi: Tensor, s
     u0 = z0 * s0
     slack = gamma(d + 4) * u0.abs()
     n0_hi = torch.linalg.vector_norm(u0, dim=-1, keepdim=True) * (1 + gamma(d + 4))
-    g_dev, h_dev = inverse_std_change(s0, s_lo, s_hi, centre_dot(u0, slack, rho, n0_hi, big_d),
-                                      big_d.square() / d)
+    a_lo, a_hi = centre_dot(u0, slack, rho, n0_hi, big_d, x.dot)
+    g_dev, h_dev = inverse_std_change(s0, s_lo, s_hi, a_lo, a_hi, big_d.square() / d)
     sharp = p_rho * g_dev + (u0.abs() + slack) * h_dev
     r = torch.minimum(r, torch.nan_to_num(sharp, nan=math.inf))  # 0·inf where s_lo = 0
     r = r * (1 + gamma(d + 8))
