@@ -4,7 +4,8 @@ per-row ℓ2 deviation bounds), and at the points that align ΔQ_i with ΔK_j at
 deviation, where the bound c·‖Δq_i‖·‖Δk_j‖ is attained; and a scores' remainder carried to
 the output through the exact Jacobian (``_through_softmax``). Both at points where the
 bounds are reached, so a bound too small by any factor fails here, which the end-to-end
-rule tests cannot promise."""
+rule tests cannot promise. And softmax's own second-order remainder
+(``softmax_second_order``) at random and gradient-searched points of random score boxes."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from lipcert.bounds.backward.rules.attention import (
     softmax_box,
     softmax_own,
     softmax_remainder,
+    softmax_second_order,
 )
 
 F64 = torch.float64
@@ -110,3 +112,51 @@ def test_score_remainders_reach_the_output_through_the_exact_jacobian() -> None:
         if case % 2:
             assert bool((reach_hi >= hi - 0.05 * (hi - lo)).all())
             assert bool((reach_lo <= lo + 0.05 * (hi - lo)).all())
+
+
+def test_softmax_second_order_holds_and_is_reached() -> None:
+    """R = p(s₀ + Δ) − p⁰ − J₀Δ stays in [lo, hi] at random points of 200 random score
+    boxes (some rows masked causally) and at points that push each R_i up or down by
+    signed gradient steps; those reach the bounds to 0.2 (upper) and 0.35 (lower) of their
+    size in the median case and to 0.6 and 0.75 at best, so halving either bound fails."""
+    g = torch.Generator().manual_seed(2)
+    up, down = [], []
+    for case in range(200):
+        L, S = 3, int(torch.randint(2, 10, (), generator=g))
+        s0 = torch.randn(1, L, S, generator=g, dtype=F64) * float(
+            torch.empty(()).uniform_(0.1, 3, generator=g))
+        h = torch.rand(1, L, S, generator=g, dtype=F64) * float(
+            10 ** torch.empty(()).uniform_(-4, -0.5, generator=g))
+        keep = torch.ones(L, S, dtype=torch.bool).tril(diagonal=max(S - L, 0)) if case % 3 == 0 \
+            else torch.ones(L, S, dtype=torch.bool)
+        p0, p_lo, p_hi = softmax_box(s0, s0 - h, s0 + h, keep)
+        lo, hi = softmax_second_order(p0, p_lo, p_hi, -h, h)
+
+        def own(ds: Tensor, s0: Tensor = s0, p0: Tensor = p0, keep: Tensor = keep) -> Tensor:
+            ds = torch.where(keep, ds, 0.0)
+            p = torch.softmax((s0 + ds).masked_fill(~keep, -math.inf), -1)
+            return p - p0 - p0 * (ds - (p0 * ds).sum(-1, keepdim=True))
+
+        best_hi = torch.full_like(hi, -math.inf)
+        best_lo = torch.full_like(lo, math.inf)
+        points = [(torch.rand(h.shape, generator=g, dtype=F64) * 2 - 1) * h
+                  for _ in range(30)]
+        for i in range(S):
+            for sign in (1.0, -1.0):
+                ds = (torch.rand(h.shape, generator=g, dtype=F64) * 2 - 1) * h
+                for _ in range(30):
+                    ds.requires_grad_(True)
+                    (step,) = torch.autograd.grad(sign * own(ds)[..., i].sum(), ds)
+                    ds = torch.clamp(ds.detach() + 0.5 * h * torch.sign(step), -h, h)
+                points.append(ds)
+        for ds in points:
+            r = own(ds)
+            tol = 1e-15 * (1 + p0)
+            assert bool(((r <= hi + tol) & (r >= lo - tol)).all()), f"case {case}"
+            best_hi, best_lo = torch.maximum(best_hi, r), torch.minimum(best_lo, r)
+        live = p_hi > 0
+        up.append(float((best_hi[live] / hi[live]).median()))
+        down.append(float((best_lo[live] / lo[live]).median()))
+    up_t, down_t = torch.tensor(up), torch.tensor(down)
+    assert float(up_t.median()) >= 0.2 and float(up_t.max()) >= 0.6, up
+    assert float(down_t.median()) >= 0.35 and float(down_t.max()) >= 0.75, down

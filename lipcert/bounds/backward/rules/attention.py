@@ -199,29 +199,60 @@ def _shifted(x: Any, transpose: bool = False) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- forward
 
 
-def softmax_remainder(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi: Tensor,
-                      e_lo: Tensor, e_hi: Tensor) -> tuple[Tensor, Tensor]:
-    """The Taylor remainder of p = softmax(s) over the last dimension: e_p = J₀e_s + R with
-    J₀v = p⁰ ⊙ (v − ⟨p⁰, v⟩) (|J₀|v ≤ p⁰ ⊙ (v + ⟨p⁰, v⟩) for v ≥ 0) and, componentwise,
-    R = (J(ξ) − J₀)(Δs − κ) for any constant κ (both annihilate 1):
-    (J − J₀)w = (p − p⁰) ⊙ w − (p − p⁰)⟨p, w⟩ − p⁰⟨p − p⁰, w⟩, so with |w_j| ≤ ω_j,
-    |R_i| ≤ Δp_i·ω_i + Δp_i·⟨p_hi, ω⟩ + p⁰_i·⟨Δp, ω⟩. ``d_lo``, ``d_hi``: the enclosure of
-    Δs (masked entries, where p = 0, are ignored)."""
+def softmax_second_order(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+    """Bounds [lo, hi] of softmax's own remainder R = p(s₀ + Δ) − p⁰ − J₀Δ over the last
+    dimension, for Δ ∈ [d_lo, d_hi] and p ∈ [p_lo, p_hi] on the whole segment from s₀ to
+    s₀ + Δ (masked entries, where p = 0, are ignored). Two bounds, intersected:
+
+    * R = (J(ξ) − J₀)(Δ − κ) for any constant κ (both annihilate 1), and
+      (J − J₀)w = (p − p⁰) ⊙ w − (p − p⁰)⟨p, w⟩ − p⁰⟨p − p⁰, w⟩, so with |w_j| ≤ ω_j,
+      |R_i| ≤ Δp_i·ω_i + Δp_i·⟨p_hi, ω⟩ + p⁰_i·⟨Δp, ω⟩;
+    * Taylor's theorem with the Lagrange remainder for t ↦ p_i(s₀ + tΔ), with
+      ∂²p_i/∂s_j∂s_k = p_i(δ_ik − p_k)(δ_ij − p_j) − p_i·p_j(δ_jk − p_k):
+      R_i = ½ΔᵀH_i(ξ)Δ = ½p_i(ξ)·[(Δ_i − μ)² − V], μ = Σ_j p_j(ξ)Δ_j, V = Σ_j p_j(ξ)(Δ_j − μ)²,
+      so R_i ≤ ½p_hi_i·max (Δ_i − μ)² with μ ∈ [min_j d_lo_j, max_j d_hi_j], and
+      R_i ≥ −½p_hi_i·V with V ≤ Σ_j p_hi_j·ω_j² and V ≤ (max_j d_hi_j − min_j d_lo_j)²/4
+      (Popoviciu)."""
     live = p_hi > 0
     zero = torch.zeros((), dtype=F64)
     d_lo = torch.where(live, d_lo, zero)
     d_hi = torch.where(live, d_hi, zero)
-    kappa = (d_hi.amax(-1, keepdim=True) + d_lo.amin(-1, keepdim=True)) / 2
+    top = torch.where(live, d_hi, -math.inf).amax(-1, keepdim=True).clamp(min=0)
+    bottom = torch.where(live, d_lo, math.inf).amin(-1, keepdim=True).clamp(max=0)
+    kappa = (top + bottom) / 2
     omega = torch.where(live, torch.maximum(d_hi - kappa, kappa - d_lo), zero)
     dp = torch.maximum(p_hi - p0, p0 - p_lo).clamp(min=0)
     k = p0.shape[-1]
-    rem = (dp * omega + dp * (p_hi * omega).sum(-1, keepdim=True)
-           + p0 * (dp * omega).sum(-1, keepdim=True)) * (1 + gamma(k + 4))
+    pad = 1 + gamma(k + 6)
+    mv = (dp * omega + dp * (p_hi * omega).sum(-1, keepdim=True)
+          + p0 * (dp * omega).sum(-1, keepdim=True)) * pad
+    reach = torch.maximum(d_hi - bottom, top - d_lo)
+    var = torch.minimum((p_hi * omega.square()).sum(-1, keepdim=True),
+                        (top - bottom).square() / 4)
+    hi = torch.minimum(mv, 0.5 * p_hi * reach.square() * pad)
+    lo = torch.maximum(-mv, -0.5 * p_hi * var * pad)
+    return torch.where(live, lo, zero), torch.where(live, hi, zero)
+
+
+def softmax_remainder(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi: Tensor,
+                      e_lo: Tensor, e_hi: Tensor) -> tuple[Tensor, Tensor]:
+    """The Taylor remainder of p = softmax(s) over the last dimension: e_p = J₀e_s + R with
+    J₀v = p⁰ ⊙ (v − ⟨p⁰, v⟩) (|J₀|v ≤ p⁰ ⊙ (v + ⟨p⁰, v⟩) for v ≥ 0) and R the own remainder
+    (:func:`softmax_second_order`; [p_lo, p_hi] must hold on every segment from the centre's
+    scores to a reached one, as the enclosure over the score box does). ``d_lo``, ``d_hi``:
+    the enclosure of Δs."""
+    live = p_hi > 0
+    zero = torch.zeros((), dtype=F64)
+    r_lo, r_hi = softmax_second_order(p0, p_lo, p_hi, d_lo, d_hi)
+    k = p0.shape[-1]
     ec, er = mid_rad(torch.where(live, e_lo, zero), torch.where(live, e_hi, zero))
     jc = p0 * (ec - (p0 * ec).sum(-1, keepdim=True))
     jr = p0 * (er + (p0 * er).sum(-1, keepdim=True))
-    rad = jr + rem + gamma(k + 4) * (jc.abs() + jr + (p0 * ec.abs()).sum(-1, keepdim=True))
-    return torch.where(live, jc - rad, zero), torch.where(live, jc + rad, zero)
+    rad = jr + gamma(k + 4) * (jc.abs() + jr + (p0 * ec.abs()).sum(-1, keepdim=True))
+    lo = jc - rad + r_lo - gamma(2) * r_lo.abs()
+    hi = jc + rad + r_hi + gamma(2) * r_hi.abs()
+    return torch.where(live, lo, zero), torch.where(live, hi, zero)
 
 
 def softmax_own(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi: Tensor
@@ -291,7 +322,10 @@ def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: floa
     term cΔQΔKᵀ alone (P's remainder as a function of Q and K at the centre); both None
     without Taylor remainders. With symbolic remainders (``ctx.tighten``) e_S and e_P are
     first intersected with their own terms ± the gains from the earlier ops' own terms
-    (docs/local-margin.md, "Symbolic remainders")."""
+    (docs/local-margin.md, "Symbolic remainders"). The softmax's own terms use P's
+    enclosure over the score box (it holds on the segments their derivation needs); the
+    returned p_lo, p_hi are then narrowed by P's Taylor model (they hold at reached points).
+    """
     L, E = q.shape[-2], q.shape[-1]
     S = k.shape[-2]
     c = float(scale) if scale is not None else 1.0 / math.sqrt(E)
@@ -327,10 +361,14 @@ def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: floa
             narrowed = ctx.tighten(f"{name}.probs", Box(p0, p_lo, p_hi, None, None, *e_p,
                                                         None, *own_p))
             e_p = (narrowed.e_lo, narrowed.e_hi)
-        p_lo, p_hi = _tighten(p0, p_lo, p_hi, _first_order(ctx, f"{name}.probs"), *e_p)
-        p_lo, p_hi = p_lo.clamp(min=0), torch.minimum(p_hi, torch.ones((), dtype=F64))
+        # the softmax's remainders need p at every point of the segment from the centre's
+        # scores to a reached one: such points lie in the score box, not necessarily in
+        # the image of the input set, so they take the box's probabilities, not the
+        # Taylor-narrowed ones below (which hold for the reached points only)
         own_p = softmax_remainder(p0, p_lo, p_hi, s_lo - s0, s_hi - s0, *es_own)
         soft_own = softmax_own(p0, p_lo, p_hi, s_lo - s0, s_hi - s0)
+        p_lo, p_hi = _tighten(p0, p_lo, p_hi, _first_order(ctx, f"{name}.probs"), *e_p)
+        p_lo, p_hi = p_lo.clamp(min=0), torch.minimum(p_hi, torch.ones((), dtype=F64))
         return AttentionParts(c, p0, p_lo, p_hi, keep, e_p, own_p, es, es_own, soft_own)
     return AttentionParts(c, p0, p_lo, p_hi, keep)
 

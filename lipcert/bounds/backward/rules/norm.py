@@ -16,8 +16,10 @@ the input set from the input's forward interval and its centre value x₀ (Δx =
   (Pu₀ = u₀), ‖u‖² ∈ [‖u₀‖² − 2dA, ‖u₀‖² + 2dA + D²]; where the symbolic remainders give
   a signed range of ⟨u₀, Δx⟩ (``Box.dot``: first-order part ⟨Aᵀu₀, δ⟩ plus the weighted own
   remainders, without Σ|u₀_i|ρ_i's worst case of every element at once), a ∈ [a_lo, a_hi]
-  is that range ∩ [−A, A] and ‖u‖² ∈ [‖u₀‖² + 2d·a_lo, ‖u₀‖² + 2d·a_hi + D²]; hence
-  s ∈ [s_lo, s_hi] with
+  is that range ∩ [−A, A] and ‖u‖² ∈ [‖u₀‖² + 2d·a_lo, ‖u₀‖² + 2d·a_hi + D²]; also
+  ‖u‖ ≥ ⟨u, u₀⟩/‖u₀‖ = ‖u₀‖ + d·a/‖u₀‖ ≥ ‖u₀‖ + d·a_lo/‖u₀‖ (the projection on the
+  centre's direction: positive until d·a_lo = −‖u₀‖², where the bound from ‖u‖² already
+  reaches 0 at half of that); hence s ∈ [s_lo, s_hi] with
   s_lo ≥ √ε > 0 always (a careful lower bound: it never uses the centre's variance
   without subtracting the largest possible change);
 * ẑ − ẑ₀ = Δu/s + ẑ₀(s₀ − s)/s and |s − s₀| ≤ ‖Δu‖/√d (s is (1/√d)-Lipschitz in u), so
@@ -173,7 +175,10 @@ def normalised(x: Box, k: int, eps: float, centred: bool, out: Box | None,
     sq_lo = (n0_sq + 2 * d * a_lo - gamma(4) * (n0_sq + 2 * d * a_lo.abs())).clamp(min=0)
     n1_sq = n0_hi.square() + big_d.square()
     sq_hi = n1_sq + 2 * d * a_hi + gamma(4) * (n1_sq + 2 * d * a_hi.abs())
+    toward = d * a_lo / n0_lo.clamp(min=TINY)
+    along = (n0_lo + toward - gamma(4) * (n0_lo + toward.abs())).clamp(min=0)
     n_lo = torch.maximum(torch.maximum((n0_lo - big_d).clamp(min=0), box_lo), sq_lo.sqrt())
+    n_lo = torch.maximum(n_lo, along)
     n_hi = torch.minimum(torch.minimum(n0_hi + big_d, box_hi), sq_hi.sqrt())
     s_lo = torch.sqrt(n_lo.square() / d + eps) * (1 - 1e-15)
     s_hi = torch.sqrt(n_hi.square() / d + eps) * (1 + 1e-15)
