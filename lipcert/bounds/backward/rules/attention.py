@@ -199,6 +199,43 @@ def _shifted(x: Any, transpose: bool = False) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- forward
 
 
+def _lagrange_terms(p_hi: Tensor, d_lo: Tensor, d_hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For rows Δ ∈ [d_lo, d_hi] over the live entries (p_hi > 0; the others are 0): ω, the
+    deviations about the row's middle κ; ``reach`` ≥ |Δ_i − μ| for any mean μ of the row's
+    values; ``var`` (…, 1) ≥ the variance of Δ under any p ≤ p_hi (Σ_j p_hi_j·ω_j², and
+    Popoviciu's (max − min)²/4)."""
+    live = p_hi > 0
+    zero = torch.zeros((), dtype=F64)
+    d_lo = torch.where(live, d_lo, zero)
+    d_hi = torch.where(live, d_hi, zero)
+    top = torch.where(live, d_hi, -math.inf).amax(-1, keepdim=True).clamp(min=0)
+    bottom = torch.where(live, d_lo, math.inf).amin(-1, keepdim=True).clamp(max=0)
+    kappa = (top + bottom) / 2
+    omega = torch.where(live, torch.maximum(d_hi - kappa, kappa - d_lo), zero)
+    reach = torch.where(live, torch.maximum(d_hi - bottom, top - d_lo), zero)
+    var = torch.minimum((p_hi * omega.square()).sum(-1, keepdim=True),
+                        (top - bottom).square() / 4)
+    return omega, reach, var
+
+
+def softmax_own_times(p_hi: Tensor, d_lo: Tensor, d_hi: Tensor, v0: Tensor) -> Tensor:
+    """A bound of |(R·V₀)_id| = |Σ_j R_ij V₀_jd| for softmax's own remainder R (p ∈ [0, p_hi] on
+    every segment from s₀ to a reached s₀ + Δ, Δ ∈ [d_lo, d_hi]). For a fixed column
+    c = V₀_{:,d}, φ(t) = Σ_j c_j p_j(s₀ + tΔ) has R·c = φ(1) − φ(0) − φ′(0) = ½φ″(τ), and
+    (:func:`softmax_second_order`) φ″ = Σ_j c_j p_j[(Δ_j − μ)² − V] = E_p[(c − c̄)(Δ − μ)²]
+    with c̄ = E_p[c], p = p(ξ) at one point ξ of the segment. So
+    |R·c| ≤ ½·max_j|c_j − c̄|·V ≤ ½(max c − min c)·V, the extremes of c over the row's live
+    entries: one variance for the whole sum, where the elementwise R·|c| pays each entry's
+    worst case."""
+    live = (p_hi > 0).unsqueeze(-1)  # (…, L, S, 1)
+    col = v0.unsqueeze(-3)  # (…, 1, S, E)
+    c_max = torch.where(live, col, -math.inf).amax(-2)  # (…, L, E)
+    c_min = torch.where(live, col, math.inf).amin(-2)
+    var = _lagrange_terms(p_hi, d_lo, d_hi)[2]
+    bound = 0.5 * (c_max - c_min).clamp(min=0) * var
+    return bound * (1 + gamma(p_hi.shape[-1] + 8)) + TINY
+
+
 def softmax_second_order(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi: Tensor
                          ) -> tuple[Tensor, Tensor]:
     """Bounds [lo, hi] of softmax's own remainder R = p(s₀ + Δ) − p⁰ − J₀Δ over the last
@@ -216,20 +253,12 @@ def softmax_second_order(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d
       (Popoviciu)."""
     live = p_hi > 0
     zero = torch.zeros((), dtype=F64)
-    d_lo = torch.where(live, d_lo, zero)
-    d_hi = torch.where(live, d_hi, zero)
-    top = torch.where(live, d_hi, -math.inf).amax(-1, keepdim=True).clamp(min=0)
-    bottom = torch.where(live, d_lo, math.inf).amin(-1, keepdim=True).clamp(max=0)
-    kappa = (top + bottom) / 2
-    omega = torch.where(live, torch.maximum(d_hi - kappa, kappa - d_lo), zero)
+    omega, reach, var = _lagrange_terms(p_hi, d_lo, d_hi)
     dp = torch.maximum(p_hi - p0, p0 - p_lo).clamp(min=0)
     k = p0.shape[-1]
     pad = 1 + gamma(k + 6)
     mv = (dp * omega + dp * (p_hi * omega).sum(-1, keepdim=True)
           + p0 * (dp * omega).sum(-1, keepdim=True)) * pad
-    reach = torch.maximum(d_hi - bottom, top - d_lo)
-    var = torch.minimum((p_hi * omega.square()).sum(-1, keepdim=True),
-                        (top - bottom).square() / 4)
     hi = torch.minimum(mv, 0.5 * p_hi * reach.square() * pad)
     lo = torch.maximum(-mv, -0.5 * p_hi * var * pad)
     return torch.where(live, lo, zero), torch.where(live, hi, zero)
@@ -310,6 +339,8 @@ class AttentionParts(NamedTuple):
     e_s: Pair | None = None
     own_s: Pair | None = None
     soft_own: Pair | None = None
+    p_seg_hi: Tensor | None = None  # p's upper end over the score box (holds on segments)
+    ds: Pair | None = None  # the scores' deviation S − S⁰
 
 
 def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: float | None,
@@ -367,9 +398,11 @@ def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: floa
         # Taylor-narrowed ones below (which hold for the reached points only)
         own_p = softmax_remainder(p0, p_lo, p_hi, s_lo - s0, s_hi - s0, *es_own)
         soft_own = softmax_own(p0, p_lo, p_hi, s_lo - s0, s_hi - s0)
+        p_seg_hi, ds = p_hi, (s_lo - s0, s_hi - s0)
         p_lo, p_hi = _tighten(p0, p_lo, p_hi, _first_order(ctx, f"{name}.probs"), *e_p)
         p_lo, p_hi = p_lo.clamp(min=0), torch.minimum(p_hi, torch.ones((), dtype=F64))
-        return AttentionParts(c, p0, p_lo, p_hi, keep, e_p, own_p, es, es_own, soft_own)
+        return AttentionParts(c, p0, p_lo, p_hi, keep, e_p, own_p, es, es_own, soft_own,
+                              p_seg_hi, ds)
     return AttentionParts(c, p0, p_lo, p_hi, keep)
 
 
@@ -392,6 +425,10 @@ def _through_softmax(parts: AttentionParts, s_rem: Pair, p_rem: Pair, v0: Tensor
     rad = rad + 2 * gamma(sc.shape[-1] + 4) * (torch.einsum(
         "...ls,...lse->...le", sc.abs(), coef.abs()) + rad) + TINY
     soft_c, soft_r = iv_matmul(mid_rad(*parts.soft_own), (v0 - w, None))
+    if parts.p_seg_hi is not None and parts.ds is not None:
+        joint = softmax_own_times(parts.p_seg_hi, *parts.ds, v0)
+        soft_c, soft_r = mid_rad(torch.maximum(soft_c - soft_r, -joint),
+                                 torch.minimum(soft_c + soft_r, joint))
     lo = torch.maximum(lo, ctr + soft_c - rad - soft_r)
     hi = torch.minimum(hi, ctr + soft_c + rad + soft_r)
     return mid_rad(lo, torch.maximum(lo, hi))
