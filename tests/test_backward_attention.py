@@ -15,10 +15,12 @@ import torch
 from torch import Tensor
 
 from lipcert.bounds.backward import Box
+from lipcert.bounds.backward.registry import FwdCtx
 from lipcert.bounds.backward.rules.attention import (
     AttentionParts,
     _score_remainder,
     _through_softmax,
+    attention_parts,
     softmax_box,
     softmax_own,
     softmax_own_times,
@@ -204,3 +206,35 @@ def test_softmax_own_times_values_holds_and_is_reached() -> None:
             best = torch.maximum(best, r)
         reached.append(float((best / bound).max()))
     assert max(reached) >= 0.6, max(reached)
+
+
+def test_softmax_own_terms_hold_over_the_whole_score_box() -> None:
+    """The softmax's own terms inside attention (``AttentionParts.soft_own`` and the
+    R·V₀ bound) hold for every score deviation in the score box, which holds the segments
+    their derivation integrates over, even where P's Taylor model narrows P to a sliver
+    (here a first-order part of 1e-12: reached points barely move P, points of the box do)."""
+    g = torch.Generator().manual_seed(4)
+    for _ in range(40):
+        h, t, e = 2, 5, 4
+        q0, k0, v0 = (torch.randn(1, h, t, e, generator=g, dtype=F64) for _ in range(3))
+        size = float(10 ** torch.empty(()).uniform_(-3, -1, generator=g))
+        hq, hk = (torch.rand(1, h, t, e, generator=g, dtype=F64) * size for _ in range(2))
+        q, k = _box(q0, hq, hq.norm(dim=-1)), _box(k0, hk, hk.norm(dim=-1))
+        ctx = FwdCtx(first_order={"att.scores": None,
+                                  "att.probs": torch.full((1, h, t, t), 1e-12, dtype=F64)})
+        parts = attention_parts(q, k, None, False, None, ctx, "att")
+        assert parts.soft_own is not None and parts.ds is not None
+        assert parts.p_seg_hi is not None
+        s0 = q0 @ k0.transpose(-1, -2) / math.sqrt(e)
+        p0 = torch.softmax(s0, -1)
+        joint = softmax_own_times(parts.p_seg_hi, *parts.ds, v0)
+        d_lo, d_hi = parts.ds
+        for trial in range(30):
+            u = torch.rand(d_lo.shape, generator=g, dtype=F64)
+            if trial % 2:
+                u = (u < 0.5).to(F64)  # corners of the box
+            ds = d_lo + u * (d_hi - d_lo)
+            r = torch.softmax(s0 + ds, -1) - p0 - p0 * (ds - (p0 * ds).sum(-1, keepdim=True))
+            tol = 1e-14
+            assert bool(((r >= parts.soft_own[0] - tol) & (r <= parts.soft_own[1] + tol)).all())
+            assert bool(((r @ v0).abs() <= joint + tol).all())
