@@ -10,6 +10,7 @@ rule tests cannot promise. And softmax's own second-order remainder
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -41,6 +42,40 @@ def _inside(dev: Tensor, half: Tensor, rows: Tensor) -> Tensor:
     dev = torch.maximum(torch.minimum(dev, half), -half)
     norm = dev.norm(dim=-1, keepdim=True).clamp(min=1e-300)
     return dev * torch.clamp(rows.unsqueeze(-1) / norm, max=1.0)
+
+
+def _score_rows(g: torch.Generator, case: int, rows: int, spread: float | tuple[float, float],
+                sizes: tuple[float, float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Centre scores (1, rows, S) scaled by ``spread`` (or a scale drawn from that range),
+    half-widths h of a score box (up to 10^sizes[0] to 10^sizes[1]) and the kept entries
+    (every third case causally masked, each row keeping one at least)."""
+    S = int(torch.randint(2, 10, (), generator=g))
+    s0 = torch.randn(1, rows, S, generator=g, dtype=F64)
+    s0 = s0 * (float(torch.empty(()).uniform_(*spread, generator=g))
+               if isinstance(spread, tuple) else spread)
+    h = torch.rand(1, rows, S, generator=g, dtype=F64) * float(
+        10 ** torch.empty(()).uniform_(*sizes, generator=g))
+    keep = torch.ones(rows, S, dtype=torch.bool)
+    if case % 3 == 0:
+        keep = keep.tril(diagonal=max(S - rows, 0))
+    return s0, h, keep
+
+
+def _softmax_own(s0: Tensor, p0: Tensor, keep: Tensor, ds: Tensor) -> Tensor:
+    """softmax's own remainder p(s₀ + Δ) − p⁰ − J₀Δ over the kept entries."""
+    ds = torch.where(keep, ds, 0.0)
+    p = torch.softmax((s0 + ds).masked_fill(~keep, -math.inf), -1)
+    return p - p0 - p0 * (ds - (p0 * ds).sum(-1, keepdim=True))
+
+
+def _pushed(g: torch.Generator, h: Tensor, value: Callable[[Tensor], Tensor]) -> Tensor:
+    """A point of the box [−h, h] from 30 signed gradient steps that push ``value`` up."""
+    ds = (torch.rand(h.shape, generator=g, dtype=F64) * 2 - 1) * h
+    for _ in range(30):
+        ds.requires_grad_(True)
+        (step,) = torch.autograd.grad(value(ds), ds)
+        ds = torch.clamp(ds.detach() + 0.5 * h * torch.sign(step), -h, h)
+    return ds
 
 
 def test_score_own_term_holds_and_is_attained() -> None:
@@ -125,35 +160,18 @@ def test_softmax_second_order_holds_and_is_reached() -> None:
     g = torch.Generator().manual_seed(2)
     up, down = [], []
     for case in range(200):
-        L, S = 3, int(torch.randint(2, 10, (), generator=g))
-        s0 = torch.randn(1, L, S, generator=g, dtype=F64) * float(
-            torch.empty(()).uniform_(0.1, 3, generator=g))
-        h = torch.rand(1, L, S, generator=g, dtype=F64) * float(
-            10 ** torch.empty(()).uniform_(-4, -0.5, generator=g))
-        keep = torch.ones(L, S, dtype=torch.bool).tril(diagonal=max(S - L, 0)) if case % 3 == 0 \
-            else torch.ones(L, S, dtype=torch.bool)
+        s0, h, keep = _score_rows(g, case, 3, (0.1, 3.0), (-4, -0.5))
         p0, p_lo, p_hi = softmax_box(s0, s0 - h, s0 + h, keep)
         lo, hi = softmax_second_order(p0, p_lo, p_hi, -h, h)
-
-        def own(ds: Tensor, s0: Tensor = s0, p0: Tensor = p0, keep: Tensor = keep) -> Tensor:
-            ds = torch.where(keep, ds, 0.0)
-            p = torch.softmax((s0 + ds).masked_fill(~keep, -math.inf), -1)
-            return p - p0 - p0 * (ds - (p0 * ds).sum(-1, keepdim=True))
-
         best_hi = torch.full_like(hi, -math.inf)
         best_lo = torch.full_like(lo, math.inf)
         points = [(torch.rand(h.shape, generator=g, dtype=F64) * 2 - 1) * h
                   for _ in range(30)]
-        for i in range(S):
-            for sign in (1.0, -1.0):
-                ds = (torch.rand(h.shape, generator=g, dtype=F64) * 2 - 1) * h
-                for _ in range(30):
-                    ds.requires_grad_(True)
-                    (step,) = torch.autograd.grad(sign * own(ds)[..., i].sum(), ds)
-                    ds = torch.clamp(ds.detach() + 0.5 * h * torch.sign(step), -h, h)
-                points.append(ds)
+        points += [_pushed(g, h, lambda ds, i=i, sign=sign, s0=s0, p0=p0, keep=keep:
+                           sign * _softmax_own(s0, p0, keep, ds)[..., i].sum())
+                   for i in range(s0.shape[-1]) for sign in (1.0, -1.0)]
         for ds in points:
-            r = own(ds)
+            r = _softmax_own(s0, p0, keep, ds)
             tol = 1e-15 * (1 + p0)
             assert bool(((r <= hi + tol) & (r >= lo - tol)).all()), f"case {case}"
             best_hi, best_lo = torch.maximum(best_hi, r), torch.minimum(best_lo, r)
@@ -172,36 +190,19 @@ def test_softmax_own_times_values_holds_and_is_reached() -> None:
     g = torch.Generator().manual_seed(3)
     reached = []
     for case in range(150):
-        L, S, E = 2, int(torch.randint(2, 10, (), generator=g)), 3
-        s0 = torch.randn(1, L, S, generator=g, dtype=F64) * 2
-        h = torch.rand(1, L, S, generator=g, dtype=F64) * float(
-            10 ** torch.empty(()).uniform_(-3, 0, generator=g))
-        v0 = torch.randn(1, S, E, generator=g, dtype=F64)
-        keep = torch.ones(L, S, dtype=torch.bool).tril(diagonal=max(S - L, 0)) if case % 3 == 0 \
-            else torch.ones(L, S, dtype=torch.bool)
+        s0, h, keep = _score_rows(g, case, 2, 2.0, (-3, 0))
+        v0 = torch.randn(1, s0.shape[-1], 3, generator=g, dtype=F64)
         p0, _, p_hi = softmax_box(s0, s0 - h, s0 + h, keep)
         bound = softmax_own_times(p_hi, -h, h, v0)
-
-        def own_v(ds: Tensor, s0: Tensor = s0, p0: Tensor = p0, keep: Tensor = keep,
-                  v0: Tensor = v0) -> Tensor:
-            ds = torch.where(keep, ds, 0.0)
-            p = torch.softmax((s0 + ds).masked_fill(~keep, -math.inf), -1)
-            return (p - p0 - p0 * (ds - (p0 * ds).sum(-1, keepdim=True))) @ v0
-
         points = [(torch.rand(h.shape, generator=g, dtype=F64) * 2 - 1) * h for _ in range(20)]
         points += [torch.where(torch.rand(h.shape, generator=g) < 0.5, -h, h)
                    for _ in range(20)]
-        for d in range(E):
-            for sign in (1.0, -1.0):
-                ds = (torch.rand(h.shape, generator=g, dtype=F64) * 2 - 1) * h
-                for _ in range(30):
-                    ds.requires_grad_(True)
-                    (step,) = torch.autograd.grad(sign * own_v(ds)[..., d].sum(), ds)
-                    ds = torch.clamp(ds.detach() + 0.5 * h * torch.sign(step), -h, h)
-                points.append(ds)
+        points += [_pushed(g, h, lambda ds, d=d, sign=sign, s0=s0, p0=p0, keep=keep, v0=v0:
+                           sign * (_softmax_own(s0, p0, keep, ds) @ v0)[..., d].sum())
+                   for d in range(v0.shape[-1]) for sign in (1.0, -1.0)]
         best = torch.zeros_like(bound)
         for ds in points:
-            r = own_v(ds).abs()
+            r = (_softmax_own(s0, p0, keep, ds) @ v0).abs()
             assert bool((r <= bound + 1e-15).all()), f"case {case}"
             best = torch.maximum(best, r)
         reached.append(float((best / bound).max()))
@@ -234,7 +235,7 @@ def test_softmax_own_terms_hold_over_the_whole_score_box() -> None:
             if trial % 2:
                 u = (u < 0.5).to(F64)  # corners of the box
             ds = d_lo + u * (d_hi - d_lo)
-            r = torch.softmax(s0 + ds, -1) - p0 - p0 * (ds - (p0 * ds).sum(-1, keepdim=True))
+            r = _softmax_own(s0, p0, torch.ones_like(s0, dtype=torch.bool), ds)
             tol = 1e-14
             assert bool(((r >= parts.soft_own[0] - tol) & (r <= parts.soft_own[1] + tol)).all())
             assert bool(((r @ v0).abs() <= joint + tol).all())

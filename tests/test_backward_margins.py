@@ -145,6 +145,21 @@ class _Encoder(nn.Module):
         return self.head(self.enc(self.embed(p)).mean(1))
 
 
+def _program(models: dict[str, nn.Module], name: str, x: Tensor, y: Tensor
+             ) -> tuple[torch.export.ExportedProgram, Tensor]:
+    """The exported program of a demo-family ViT with the labels ``y``, or for "encoder" a
+    fresh (seed 0) :class:`_Encoder` exported with a dynamic batch and labelled by its own
+    predictions on ``x``."""
+    if name != "encoder":
+        return export_model(models[name]), y
+    torch.manual_seed(0)
+    net = _Encoder().eval()
+    program = torch.export.export(net, (x,), dynamic_shapes=(
+        {0: torch.export.Dim("batch", min=1)},))
+    with torch.no_grad():
+        return program, net(x).argmax(1)
+
+
 def test_transformer_encoder_classifier(mnist: tuple[Tensor, Tensor]) -> None:
     """nn.TransformerEncoder (pre-LN, batch first): its exported graph moves the batch into
     the heads dimension; certificates still hold against PGD."""
@@ -403,15 +418,7 @@ def test_layer_norm_centre_dot_holds_and_is_tight(models: dict[str, nn.Module],
     so a bound twice too small fails."""
     x32, y = mnist
     x = x32.double()
-    if model_name == "encoder":
-        torch.manual_seed(0)
-        model = _Encoder().eval()
-        program = torch.export.export(model, (x32,), dynamic_shapes=(
-            {0: torch.export.Dim("batch", min=1)},))
-        with torch.no_grad():
-            y = model(x32).argmax(1)
-    else:
-        program = export_model(models[model_name])
+    program, y = _program(models, model_name, x32, y)
     cert = MarginCertifier(program)
     iv = cert.intervals
     certified = margin_radii(cert.prop, x32, y, steps=6).radius.clamp(min=1e-4)
@@ -577,15 +584,7 @@ def test_compressed_jacobians_equal_plain_ones(models: dict[str, nn.Module],
     narrowed at a cut, give the same centre Jacobian norms and gains as one tangent per
     coordinate (float64 rounding only), and the passes do share tangents."""
     x, y = mnist[0][:4], mnist[1][:4]
-    if family == "encoder":
-        torch.manual_seed(0)
-        net = _Encoder().eval()
-        program = torch.export.export(net, (x,), dynamic_shapes=(
-            {0: torch.export.Dim("batch", min=1)},))
-        with torch.no_grad():
-            y = net(x).argmax(1)
-    else:
-        program = export_model(models[family])
+    program, y = _program(models, family, x, y)
     shared = []
     original = jacobian._Plan.__init__
 

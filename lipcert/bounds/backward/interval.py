@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lipcert.bounds.state import F64, gamma
+from lipcert.bounds.state import F64, BoxDomain, Domain, gamma
 
 TINY = 1e-300  # covers underflow of products of tiny magnitudes
 U = 2.0**-53  # float64 unit roundoff
@@ -63,6 +63,20 @@ class Grad:
     def map(self, fn: object) -> Grad:
         """An exact rearrangement of the elements (both parts moved alike)."""
         return Grad(fn(self.c), fn(self.r))  # type: ignore[operator]
+
+
+def worst_slopes(g: Grad, x: Tensor, domain: Domain | None) -> Tensor:
+    """Per coordinate k, the largest −G_k·δ_k/|δ_k| over G ∈ g and the directions δ_k the
+    domain allows at x (broadcast against g): |G_c,k| + G_r,k for a free coordinate; on a box
+    domain a coordinate at the lower end can only grow (δ_k ≥ 0), max(0, G_r,k − G_c,k),
+    and one at the upper end only shrink, max(0, G_c,k + G_r,k). By Cauchy–Schwarz,
+    −⟨G, δ⟩ ≤ ‖v‖·‖δ‖ for every allowed δ, v these slopes (docs/local-margin.md,
+    "The certificate")."""
+    v = g.c.abs() + g.r
+    if isinstance(domain, BoxDomain):
+        v = torch.where(x <= domain.lo, (g.r - g.c).clamp(min=0), v)
+        v = torch.where(x >= domain.hi, (g.c + g.r).clamp(min=0), v)
+    return v
 
 
 @dataclass

@@ -48,7 +48,7 @@ from torch.export import ExportedProgram
 
 from lipcert.bounds import BoxDomain, Propagator, as_program
 from lipcert.bounds.backward.forward import Intervals, check_rules
-from lipcert.bounds.backward.interval import Box, Grad
+from lipcert.bounds.backward.interval import Box, Grad, worst_slopes
 from lipcert.bounds.backward.search import grid_search
 from lipcert.bounds.backward.walk import walk
 from lipcert.bounds.state import F64, as_domain, gamma
@@ -181,13 +181,7 @@ class MarginCertifier:
         n = inputs.shape[0]
         if g is None:
             return torch.zeros(n, classes, dtype=F64)
-        v = g.c.abs() + g.r
-        if isinstance(self.domain, BoxDomain):
-            x = inputs.detach().to(F64).unsqueeze(0)
-            at_lo = x <= self.domain.lo
-            at_hi = x >= self.domain.hi
-            v = torch.where(at_lo, (g.r - g.c).clamp(min=0), v)
-            v = torch.where(at_hi, (g.c + g.r).clamp(min=0), v)
+        v = worst_slopes(g, inputs.detach().to(F64).unsqueeze(0), self.domain)
         mag = v.flatten(2)
         lip = torch.linalg.vector_norm(mag, dim=2) * (1 + gamma(mag.shape[2] + 2))
         lip = torch.nan_to_num(lip * (1 + FP_MARGIN), nan=math.inf)

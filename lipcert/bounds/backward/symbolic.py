@@ -64,9 +64,9 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from lipcert.bounds.backward.evaluation import SDPA, node_values
-from lipcert.bounds.backward.interval import TINY, Box, Grad, GroupDot
+from lipcert.bounds.backward.interval import TINY, Box, Grad, GroupDot, worst_slopes
 from lipcert.bounds.backward.jacobian import PARTS, ForwardJacobians, part_owner
-from lipcert.bounds.state import F64, BoxDomain, Domain, gamma
+from lipcert.bounds.state import F64, Domain, gamma
 
 aten = torch.ops.aten
 G_REL = 1e-9  # relative padding of the float64 centre gradients
@@ -277,12 +277,9 @@ class SymbolicRemainders:
     def _domain_norm(self, v: Tensor, x: Tensor) -> Tensor:
         """(m, n): a bound of max ⟨v, δ⟩ over ‖δ‖ ≤ 1 within the domain at x (module
         docstring), for v (m, n, …), rounded up."""
-        mag = v.abs()
-        if isinstance(self.domain, BoxDomain):
-            c = x.detach().unsqueeze(0)
-            mag = torch.where(c <= self.domain.lo, v.clamp(min=0), mag)
-            mag = torch.where(c >= self.domain.hi, (-v).clamp(min=0), mag)
-        mag = mag.flatten(2)
+        # max ⟨v, δ⟩ = max −⟨−v, δ⟩
+        mag = worst_slopes(Grad(-v, torch.zeros_like(v)), x.detach().unsqueeze(0),
+                           self.domain).flatten(2)
         norm = torch.linalg.vector_norm(mag, dim=2) * (1 + gamma(mag.shape[2] + 2))
         top = float(norm.max()) if norm.numel() else 0.0
         return norm * (1 + G_REL) + 1e-12 * top + TINY
