@@ -22,6 +22,7 @@ from lipcert.bounds.backward import Box, MarginCertifier, jacobian, margin_radii
 from lipcert.bounds.backward.evaluation import SDPA, attention_parts_exact
 from lipcert.bounds.backward.jacobian import ForwardJacobians
 from lipcert.bounds.backward.margins import SPAN
+from lipcert.bounds.backward.rules import attention
 from lipcert.bounds.backward.search import grid_search
 from lipcert.data import load_dataset
 from lipcert.errors import LipcertError
@@ -324,10 +325,11 @@ def test_attention_remainders_hold_at_searched_points(models: dict[str, nn.Modul
                                                       family: str) -> None:
     """The Taylor remainders of every attention node's output and probabilities,
     e(x′) = y(x′) − y(x) − J_y(x)·δ (narrowed by the symbolic remainders, scores and
-    probabilities included), stay in their enclosures at random points of the ball and at
-    points that push each sample's widest remainder element up and down by projected
-    gradient steps; unlike an interval, a remainder has no first-order slack to hide a
-    too-narrow enclosure in."""
+    probabilities included), and the op's own remainder Y(Q′, K′, V′) − Y⁰ −
+    J_Y·(ΔQ, ΔK, ΔV) (which the quadratic bound of the softmax's own term narrows), stay in
+    their enclosures at random points of the ball and at points that push each sample's
+    widest remainder element up and down by projected gradient steps; unlike an interval,
+    a remainder has no first-order slack to hide a too-narrow enclosure in."""
     x32, y = mnist[0][:4], mnist[1][:4]
     x = x32.double()
     cert = MarginCertifier(export_model(models[family]))
@@ -340,12 +342,17 @@ def test_attention_remainders_hold_at_searched_points(models: dict[str, nn.Modul
     assert attention, "no attention node with remainders"
     shape = (-1, 1, 1, 1)
     g = torch.Generator().manual_seed(2)
+    nodes = {nd.name: nd for nd in iv.graph.nodes}
     for name in attention:
         box = env[name]
         for part, lo, hi in ((name, box.e_lo, box.e_hi),
-                             (f"{name}.probs", box.aux["pe_lo"], box.aux["pe_hi"])):
+                             (f"{name}.probs", box.aux["pe_lo"], box.aux["pe_hi"]),
+                             (f"{name}.own", box.own_lo, box.own_hi)):
 
-            def remainder(adv: Tensor, part: str = part) -> Tensor:
+            def remainder(adv: Tensor, part: str = part, node: object = nodes[name]
+                          ) -> Tensor:
+                if part.endswith(".own"):
+                    return _own_remainder(iv, node, x, adv)
                 value, lin = torch.func.jvp(lambda z: _values(iv, z)[part], (x,), (adv - x,))
                 return _values(iv, adv)[part] - value - lin
 
@@ -368,6 +375,94 @@ def test_attention_remainders_hold_at_searched_points(models: dict[str, nn.Modul
                         f"{part}: remainder outside its enclosure"
 
 
+@pytest.mark.parametrize("family", ["standard", "lipschitz"])
+def test_softmax_quadratic_bound_holds_in_the_models(models: dict[str, nn.Module],
+                                                     mnist: tuple[Tensor, Tensor],
+                                                     family: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quadratic bound of R·V₀ inside every attention node (R the softmax's own
+    remainder at a reached point's scores, V₀ the centre's values), as the forward walk
+    computes it from the score rows' Gram matrices and the radii, holds at random points
+    of the ball and at points that push its widest entries up and down, at the certified
+    radius and at 3× it; at the certified radius it is the quadratic form that decides,
+    and a radius passed to it 0.5× too small fails here."""
+    x32, y = mnist[0][:4], mnist[1][:4]
+    x = x32.double()
+    cert = MarginCertifier(export_model(models[family]))
+    iv = cert.intervals
+    certified = margin_radii(cert.prop, x32, y, steps=6).radius.clamp(min=1e-4)
+    assert iv.prepare_symbolic(x32, y, cert.logits_name)
+    bounds: dict[str, tuple[Tensor, Tensor]] = {}
+    original = attention._quadratic
+
+    def record(ctx: object, name: str, parts: object, v0: Tensor) -> object:
+        out = original(ctx, name, parts, v0)
+        if out is not None:
+            bounds[name] = out
+        return out
+
+    monkeypatch.setattr(attention, "_quadratic", record)
+    nodes = {nd.name: nd for nd in iv.graph.nodes}
+    shape = (-1, 1, 1, 1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        at0 = _values(iv, x)
+    for radius in (certified, 3 * certified):
+        bounds.clear()
+        iv(x32, radius)
+        assert bounds, "no quadratic bound was used"
+        for name, (lo, hi) in bounds.items():
+            node = nodes[name]
+            v0 = at0[node.args[2].name]
+            s0, p0 = at0[f"{name}.scores"], at0[f"{name}.probs"]
+
+            def r_v(adv: Tensor, node: torch.fx.Node = node, v0: Tensor = v0,
+                    s0: Tensor = s0, p0: Tensor = p0) -> Tensor:
+                ds = _values(iv, adv)[f"{node.name}.scores"] - s0
+                r = _softmax_remainder_at(p0, s0, ds)
+                return r @ v0
+
+            idx = (hi - lo).flatten(1).argmax(1, keepdim=True)
+            for sign in (1.0, -1.0):
+                d = torch.randn(x.shape, generator=g, dtype=F64)
+                adv = _project(x + d / d.flatten(1).norm(dim=1).reshape(shape)
+                               * radius.reshape(shape), x, radius, (0.0, 1.0))
+                for _ in range(20):
+                    adv.requires_grad_(True)
+                    (step,) = torch.autograd.grad(
+                        sign * r_v(adv).flatten(1).gather(1, idx).sum(), adv)
+                    step = step / step.flatten(1).norm(dim=1).clamp_min(1e-300).reshape(shape)
+                    adv = _project(adv.detach() + 0.2 * radius.reshape(shape) * step, x,
+                                   radius, (0.0, 1.0))
+                    with torch.no_grad():
+                        value = r_v(adv)
+                    tol = 1e-12 * (1 + value.abs())
+                    assert bool(((value >= lo - tol) & (value <= hi + tol)).all()), \
+                        f"{name}: R·V₀ outside its quadratic bound"
+
+
+def _softmax_remainder_at(p0: Tensor, s0: Tensor, ds: Tensor) -> Tensor:
+    """softmax's own remainder p(s₀ + Δ) − p⁰ − J₀Δ over the last dimension."""
+    return torch.softmax(s0 + ds, -1) - p0 - p0 * (ds - (p0 * ds).sum(-1, keepdim=True))
+
+
+def _own_remainder(iv: object, node: torch.fx.Node, x: Tensor, adv: Tensor) -> Tensor:
+    """An attention node's own remainder at ``adv``: Y as a function of its inputs (Q, K,
+    V) minus its value and first-order part at the centre ``x``'s inputs."""
+    at, at0 = _values(iv, adv), _values(iv, x)
+    kwargs = torch.fx.node.map_arg(dict(node.kwargs), lambda a: at0[a.name])
+
+    def attend(*qkv: Tensor) -> Tensor:
+        rest = torch.fx.node.map_arg(node.args[len(qkv):], lambda a: at0[a.name])
+        return attention_parts_exact(*qkv, *rest, **kwargs)[0]
+
+    ins = [at[a.name] for a in node.args[:3]]
+    ins0 = [at0[a.name] for a in node.args[:3]]
+    value, lin = torch.func.jvp(attend, tuple(ins0), tuple(i - i0 for i, i0 in zip(
+        ins, ins0, strict=True)))
+    return attend(*ins) - value - lin
+
+
 def _values(iv: object, x: Tensor) -> dict[str, Tensor]:
     """Every node's value at x (float64, differentiable), and every attention node's
     probabilities (``<node>.probs``)."""
@@ -379,8 +474,8 @@ def _values(iv: object, x: Tensor) -> dict[str, Tensor]:
             args = torch.fx.node.map_arg(node.args, lambda a: vals[a.name])
             kwargs = torch.fx.node.map_arg(dict(node.kwargs), lambda a: vals[a.name])
             if node.target is SDPA:  # written out: torch's kernel has no forward mode
-                vals[node.name], _, vals[f"{node.name}.probs"] = attention_parts_exact(
-                    *args, **kwargs)
+                (vals[node.name], vals[f"{node.name}.scores"],
+                 vals[f"{node.name}.probs"]) = attention_parts_exact(*args, **kwargs)
             else:
                 vals[node.name] = node.target(*args, **kwargs)
     return vals
@@ -666,6 +761,33 @@ def test_jacobian_norms_match_autograd(models: dict[str, nn.Module],
             vals[k].clone())
         _upper_and_close(gain, own_rows(jac, torch.Size((n, *gain.shape[2:])),
                                         vals[k].shape[-1]))
+
+
+def test_score_grams_match_autograd(models: dict[str, nn.Module],
+                                    mnist: tuple[Tensor, Tensor]) -> None:
+    """The Gram matrices A_iA_iᵀ of every attention score row's Jacobian A_i = ∂s_i/∂x
+    (recorded by the input pass for the softmax's quadratic bound) against full Jacobians
+    by reverse-mode autograd, for both ViT families."""
+    x = mnist[0][:2]
+    n = len(x)
+    x64 = x.double()
+    for family in ("standard", "lipschitz"):
+        cert = MarginCertifier(export_model(models[family]))
+        iv = cert.intervals
+        iv.prepare(x)
+        graph, consts, inp = iv.graph, iv.consts, iv.prop.input_name
+        grams = iv._grams
+        assert len(grams) == sum(nd.target is SDPA for nd in graph.nodes), family
+        for name, gram in grams.items():
+            jac = torch.autograd.functional.jacobian(
+                lambda z, name=name, graph=graph, consts=consts, inp=inp: _evaluate_from(
+                    graph, consts, inp, z, "", z, name), x64)
+            keys = gram.shape[-1]
+            per = jac.reshape(n, -1, keys, n, x64[0].numel())
+            rows = torch.stack([per[s, :, :, s] for s in range(n)])  # (n, rows, S, input)
+            exact = (rows @ rows.transpose(-1, -2)).reshape(gram.shape)
+            torch.testing.assert_close(gram, exact, rtol=1e-10,
+                                       atol=1e-12 * float(exact.abs().max()))
 
 
 def _upper_and_close(value: Tensor, exact: Tensor) -> None:

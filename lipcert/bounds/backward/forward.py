@@ -114,6 +114,8 @@ class Intervals:
         self.cache: dict[Any, Any] = {}
         self._centre: Tensor | None = None
         self._norms: dict[str, Tensor] = {}
+        self._grams: dict[str, Tensor] = {}
+        self._memo: dict[str, Any] = {}
         self._sids: dict[str, Tensor | None] = {}
         self.jacobians: ForwardJacobians | None = None
         self.symbolic: SymbolicRemainders | None = None
@@ -142,6 +144,9 @@ class Intervals:
         self.jacobians = ForwardJacobians(self.graph, self.consts, self.prop.input_name, center,
                                           self.batch_major)
         self._norms = self.jacobians.input_norms()
+        self._grams = {name: g for name, g in self.jacobians.score_grams.items()
+                       if self.batch_major(name)}
+        self._memo = {}
 
     def batch_major(self, name: str) -> bool:
         """Whether dim 0 of the node is the sample (by the bound engine's sample ids)."""
@@ -197,7 +202,9 @@ class Intervals:
             self.prepare(center)
         radius = radius.to(F64)
         env: dict[str, Any] = {}
-        ctx = FwdCtx(n=center.shape[0], cache=self.cache)
+        ctx = FwdCtx(n=center.shape[0], cache=self.cache,
+                     radius=radius if self.taylor else None,
+                     grams=self._grams if self.taylor else {}, memo=self._memo)
         sym = self.symbolic_for(center) if self.taylor else None
         tighten = None if sym is None else (lambda name, out: sym.tighten(name, out, env))
         for node in self.graph.nodes:

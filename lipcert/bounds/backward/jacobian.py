@@ -5,7 +5,10 @@ the gains ‖∂y_e/∂(row t of k)‖₂ of the symbolic remainders (``symbolic
 A pass seeds one tangent per source coordinate (all samples at once: samples never mix)
 and pushes the stack through the later ops (``tangents.push``), accumulating the squares
 of each recorded node's tangents. Attention nodes also give the norms of their scores and
-probabilities (``<node>.scores``, ``<node>.probs``).
+probabilities (``<node>.scores``, ``<node>.probs``), and the input pass the Gram matrix
+A_iA_iᵀ of each score row's Jacobian A_i = ∂s_i/∂x (S × input size) where a row has at most
+MAX_GRAM_KEYS keys (``ForwardJacobians.score_grams``; for attention's softmax terms,
+``rules/attention.py``).
 
 Compressed passes (derivation: docs/local-margin.md, "Cost"). The source's coordinates
 fall into units (its rows, or single coordinates); ``dependency.py`` finds which units
@@ -44,6 +47,7 @@ from lipcert.bounds.backward.tangents import push
 
 REL = 1e-9
 BUDGET = 2**23  # the most elements of one node's tangent stack at a time
+MAX_GRAM_KEYS = 64  # score rows with more keys get no Gram matrix (it costs S per entry)
 
 
 class ForwardJacobians:
@@ -63,13 +67,16 @@ class ForwardJacobians:
             self.vals1 = _one_sample(graph, consts, input_name, x) if batch_major else None
         self.batch_major = batch_major or (lambda name: False)
         self.coeffs: dict[Any, Any] = {}
+        self.score_grams: dict[str, Tensor] = {}
 
     def input_norms(self) -> dict[str, Tensor]:
         """``{node: ‖∂y_e/∂x‖₂ per element}`` for the input and every node depending on it,
-        attention nodes' scores and probabilities included."""
+        attention nodes' scores and probabilities included; also sets
+        :attr:`score_grams`."""
         names = {nd.name for nd in self.nodes if nd.op == "call_function"}
-        sq = self._pass(self.input_name, 1, names | {self.input_name}, total=True)
-        return {name: _rounded_up(s.sqrt()) for name, s in sq.items()}
+        rec = self._pass(self.input_name, 1, names | {self.input_name}, total=True)
+        self.score_grams = rec.grams
+        return {name: _rounded_up(s.sqrt()) for name, s in rec.sq.items()}
 
     def row_gains(self, source: str, targets: set[str]) -> dict[str, Tensor]:
         """``{target: G}`` with G[t, s, ...] = ‖∂y_e/∂(row t of the source)‖₂ at the centre
@@ -77,13 +84,13 @@ class ForwardJacobians:
         dimension; the source's dim 0 is the batch). A target is a node, or an attention
         node's scores or probabilities (``<node>.scores``, ``<node>.probs``)."""
         width = self.vals[source].shape[-1]
-        sq = self._pass(source, width, targets, total=False)
+        sq = self._pass(source, width, targets, total=False).sq
         return {name: _rounded_up(s.sqrt()) for name, s in sq.items() if name in targets}
 
-    def _pass(self, source: str, width: int, targets: set[str], total: bool
-              ) -> dict[str, Tensor]:
-        """Sums of squared tangents per recorded node: over all source coordinates
-        (``total``, shape of the node) or per unit of ``width`` coordinates (units first)."""
+    def _pass(self, source: str, width: int, targets: set[str], total: bool) -> _Recorder:
+        """The recorder of one pass: sums of squared tangents per recorded node, over all
+        source coordinates (``total``, shape of the node) or per unit of ``width``
+        coordinates (units first)."""
         src = self.vals[source]
         units = src[0].numel() // width
         at = next(i for i, nd in enumerate(self.nodes) if nd.name == source)
@@ -123,7 +130,7 @@ class ForwardJacobians:
                 tans = {plan.cut: _narrowed(stack, plan.deps[plan.cut], plan.colour, us,
                                             plan.support)}
                 self._expanded(plan, rec, tans, plan.support, us)
-        return rec.sq
+        return rec
 
     def _size(self, nd: torch.fx.Node) -> int:
         """The largest tensor a node's tangents have per tangent (attention: its scores)."""
@@ -269,17 +276,23 @@ class _Plan:
 
 class _Recorder:
     """Sums of squared tangents per recorded node (``total``: every node and part, else
-    those in ``names``)."""
+    those in ``names``); with ``total``, also Σ_c t_c[…, j]·t_c[…, k] over the tangents of
+    every attention's scores whose rows have at most MAX_GRAM_KEYS keys (``grams``: the
+    Gram matrices A_iA_iᵀ of the score rows, (n, …, L, S, S))."""
 
     def __init__(self, plan: _Plan, total: bool, names: set[str]) -> None:
         self.plan, self.total, self.names = plan, total, names
         self.sq: dict[str, Tensor] = {}
+        self.grams: dict[str, Tensor] = {}
 
     def add(self, name: str, node: str, t: Tensor, compressed: bool, c: int,
             us: Tensor | None) -> None:
         plan = self.plan
         if self.total:
             s = _square_sum(t, 1)[0]
+            if name.endswith(".scores") and not compressed and t.shape[-1] <= MAX_GRAM_KEYS:
+                gram = torch.einsum("t...j,t...k->...jk", t, t)
+                self.grams[name] = self.grams[name] + gram if name in self.grams else gram
         elif compressed:
             s = _square_sum(t, plan.colours)[plan.colour] * plan.deps[node]
         else:

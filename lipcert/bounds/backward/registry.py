@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from lipcert.bounds.backward.interval import Box
 
 BackwardFn = Callable[..., tuple[Any, ...]]
@@ -89,7 +91,7 @@ class FwdCtx:
     norms) keyed by the weight tensor, and the first-order parts of the Taylor models of
     internal quantities (attention scores and probabilities) by name, and the symbolic
     remainders' narrowing of an internal quantity's remainder (attention scores and
-    probabilities)."""
+    probabilities), and for attention the radii and its score rows' Gram matrices."""
 
     node: Any = None
     n: int = 1
@@ -97,6 +99,11 @@ class FwdCtx:
     first_order: dict[str, Any] | None = None  # node name → r·‖A_row‖ (forward walk)
     # (name, Box) → the Box with a narrower remainder (symbolic remainders), or None
     tighten: Callable[[str, Box], Box] | None = None
+    radius: Tensor | None = None  # (n,) the input set's ℓ2 radius per sample (forward walk)
+    # ``<attention>.scores`` → Gram matrices of its score rows' Jacobians at the centre,
+    # (n, …, L, S, S) with dim 0 the sample (``jacobian.py``)
+    grams: dict[str, Tensor] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)  # centre-only values, per batch
 
     @property
     def target(self) -> Any:

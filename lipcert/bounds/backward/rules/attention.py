@@ -236,6 +236,108 @@ def softmax_own_times(p_hi: Tensor, d_lo: Tensor, d_hi: Tensor, v0: Tensor) -> T
     return bound * (1 + gamma(p_hi.shape[-1] + 8)) + TINY
 
 
+def score_forms(gram: Tensor, p0: Tensor, v0: Tensor, budget: int = 2**24
+                ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Centre quantities of :func:`softmax_own_quadratic` for one attention call, from the
+    Gram matrices G = AAᵀ of its score rows' Jacobians A = ∂s_i/∂x (…, L, S, S), the
+    centre probabilities p⁰ (…, L, S) and values V₀ (…, S, E): with C = I − 1p⁰ᵀ, the
+    centred rows B = CA have Gram K = CGCᵀ, and for each column c = V₀_{:,d} the weights
+    W_j = p⁰_j(c_j − c̄), c̄ = ⟨p⁰, c⟩, split as W = W⁺ − W⁻. Returns λ⁺, λ⁻ (…, L, E):
+    upper bounds of λ_max(BᵀW^±B) = λ_max(√W^± K √W^±) (an S × S eigenproblem per row and
+    column), and ‖b_j‖ = √K_jj (…, L, S), each rounded up: G carries a relative error below
+    1e-9 (``jacobian.py``), so every entry of K is within 4·10⁻⁹·max_j G_jj of the exact
+    one, which moves an eigenvalue of √W K √W by at most that times Σ_j W_j (Weyl), and
+    eigvalsh's own error is far below; both are covered by 10⁻⁸·max_j G_jj·Σ_j W_j. None
+    where one column's matrices would exceed 4·``budget`` elements."""
+    S, E = v0.shape[-2], v0.shape[-1]
+    lead = torch.broadcast_shapes(gram.shape[:-2], p0.shape[:-1])
+    if math.prod(lead) * S * S > 4 * budget:
+        return None
+    gp = (gram @ p0.unsqueeze(-1)).squeeze(-1)  # (…, L, S)
+    pgp = (p0 * gp).sum(-1, keepdim=True)
+    k = gram - gp.unsqueeze(-1) - gp.unsqueeze(-2) + pgp.unsqueeze(-1)
+    g_max = torch.diagonal(gram, dim1=-2, dim2=-1).amax(-1, keepdim=True)  # (…, L, 1)
+    b_norm = (torch.diagonal(k, dim1=-2, dim2=-1).clamp(min=0) + 4e-9 * g_max).sqrt()
+    b_norm = b_norm * (1 + 4 * U)
+    c_bar = p0 @ v0  # (…, L, E)
+    weights = p0.unsqueeze(-1) * (v0.unsqueeze(-3) - c_bar.unsqueeze(-2))  # (…, L, S, E)
+    chunk = max(1, budget // max(1, math.prod(lead) * S * S))
+    out = []
+    for sign in (1.0, -1.0):
+        w = (sign * weights).clamp(min=0)
+        lam = []
+        for d0 in range(0, E, chunk):
+            root = w[..., d0:d0 + chunk].movedim(-1, -2).sqrt()  # (…, L, e, S)
+            m = root.unsqueeze(-1) * k.unsqueeze(-3) * root.unsqueeze(-2)
+            lam.append(torch.linalg.eigvalsh(m)[..., -1].clamp(min=0))
+        pad = 1e-8 * g_max * w.sum(-2)
+        out.append(torch.cat(lam, -1) * (1 + 4 * U) + pad + TINY)
+    return out[0], out[1], b_norm
+
+
+def softmax_own_quadratic(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor,
+                          d_hi: Tensor, e_lo: Tensor, e_hi: Tensor, v0: Tensor,
+                          forms: tuple[Tensor, Tensor, Tensor], radius: Tensor) -> Pair:
+    """Bounds [lo, hi] of (R·V₀)_id, R softmax's own remainder at a reached point whose
+    scores deviate by Δ = Aδ + e (A = ∂s_i/∂x at the centre, ‖δ‖ ≤ r, e ∈ [e_lo, e_hi]
+    the scores' remainder, Δ ∈ [d_lo, d_hi]) with p ∈ [p_lo, p_hi] on the segment from s₀
+    to s₀ + Δ; ``forms``: :func:`score_forms`; ``radius`` broadcasts against (…, L, 1).
+
+    With c = V₀_{:,d}, R·c = ½φ″(τ) and φ″ = Σ_j p_j(c_j − c̄_p)(Δ_j − μ)² (p, μ = ⟨p, Δ⟩
+    and c̄_p = ⟨p, c⟩ at a point of the segment; :func:`softmax_own_times`). Around the
+    centre's p⁰, with w = c − c̄, c̄ = ⟨p⁰, c⟩, W = p⁰ ⊙ w and μ₀ = ⟨p⁰, Δ⟩, exactly
+
+        φ″ = T₁ + (μ₀ − μ)·Σ_j W_j(2Δ_j − μ − μ₀) + Σ_j (p_j − p⁰_j)w_j(Δ_j − μ)²
+             − (c̄_p − c̄)·V,
+
+    T₁ = Σ_j W_j(Δ_j − μ₀)² = (CΔ)ᵀ diag(W) (CΔ), C = I − 1p⁰ᵀ. T₁ is a quadratic form:
+    with CΔ = Bδ + Ce, δᵀBᵀWBδ ∈ r²[−λ⁻, λ⁺], |2(Bδ)ᵀW(Ce)| ≤ 2r Σ_j |W_j|·‖b_j‖·ε_j and
+    (Ce)ᵀW(Ce) ∈ [−Σ W⁻ε², Σ W⁺ε²], ε_j ≥ |e_j − ⟨p⁰, e⟩|; it also lies in
+    [−Σ_j W⁻_j ρ_j², Σ_j W⁺_j ρ_j²] with ρ_j ≥ |Δ_j − μ| for any mean μ of the row
+    (:func:`_lagrange_terms`). The other three terms are third order: |μ₀ − μ| =
+    |Σ_j (p⁰_j − p_j)(Δ_j − κ)| ≤ Σ_j Δp_j·ω_j, |Σ_j W_j(2Δ_j − μ − μ₀)| ≤ 2Σ_j |W_j|ρ_j,
+    |Σ_j (p_j − p⁰_j)w_j(Δ_j − μ)²| ≤ Σ_j Δp_j|w_j|ρ_j², |c̄_p − c̄| ≤ Σ_j Δp_j|w_j| and
+    V ≤ the variance bound of :func:`_lagrange_terms`. Where Δ is mostly first order this
+    bound is the quadratic form's eigenvalues, not every entry's worst case at once; in the
+    first block of the demo's ViTs it is 6–25× below :func:`softmax_own_times`."""
+    lam_pos, lam_neg, b_norm = forms
+    live = p_hi > 0
+    zero = torch.zeros((), dtype=F64)
+    S = p0.shape[-1]
+    omega, reach, var = _lagrange_terms(p_hi, d_lo, d_hi)
+    dp = torch.where(live, torch.maximum(p_hi - p0, p0 - p_lo).clamp(min=0), zero)
+    c_bar = p0 @ v0  # (…, L, E)
+    w = v0.unsqueeze(-3) - c_bar.unsqueeze(-2)  # (…, L, S, E)
+    weight = p0.unsqueeze(-1) * w
+    w_pos, w_neg = weight.clamp(min=0), (-weight).clamp(min=0)
+    e_lo = torch.where(live, e_lo, zero)
+    e_hi = torch.where(live, e_hi, zero)
+    mean_lo = (p0 * e_lo).sum(-1, keepdim=True)
+    mean_hi = (p0 * e_hi).sum(-1, keepdim=True)
+    eps = torch.where(live, torch.maximum((e_hi - mean_lo).abs(), (e_lo - mean_hi).abs()),
+                      zero)
+
+    def by_key(weights: Tensor, per_key: Tensor) -> Tensor:
+        """Σ_j weights_j·per_key_j over the keys: (…, L, S, E) × (…, L, S) → (…, L, E)."""
+        return torch.einsum("...se,...s->...e", weights, per_key)
+
+    r = radius
+    cross = 2 * r * by_key(weight.abs(), b_norm * eps)
+    t1_hi = torch.minimum(r * r * lam_pos + cross + by_key(w_pos, eps.square()),
+                          by_key(w_pos, reach.square()))
+    t1_lo = torch.maximum(-r * r * lam_neg - cross - by_key(w_neg, eps.square()),
+                          -by_key(w_neg, reach.square()))
+    top = torch.maximum(d_hi.abs(), d_lo.abs()).amax(-1, keepdim=True)
+    shift = (dp * omega).sum(-1, keepdim=True) + gamma(S + 4) * top
+    third = (2 * shift * by_key(weight.abs(), reach)
+             + by_key(dp.unsqueeze(-1) * w.abs(), reach.square())
+             + (by_key(w.abs(), dp) + gamma(S + 4) * c_bar.abs()) * var)
+    pad = gamma(S + 16)
+    lo = 0.5 * (t1_lo - third) * (1 + pad) - pad * t1_hi.abs() - TINY
+    hi = 0.5 * (t1_hi + third) * (1 + pad) + pad * t1_lo.abs() + TINY
+    return lo, hi
+
+
 def softmax_second_order(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi: Tensor
                          ) -> tuple[Tensor, Tensor]:
     """Bounds [lo, hi] of softmax's own remainder R = p(s₀ + Δ) − p⁰ − J₀Δ over the last
@@ -341,6 +443,7 @@ class AttentionParts(NamedTuple):
     soft_own: Pair | None = None
     p_seg_hi: Tensor | None = None  # p's upper end over the score box (holds on segments)
     ds: Pair | None = None  # the scores' deviation S − S⁰
+    p_seg_lo: Tensor | None = None  # p's lower end over the score box
 
 
 def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: float | None,
@@ -398,21 +501,23 @@ def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: floa
         # Taylor-narrowed ones below (which hold for the reached points only)
         own_p = softmax_remainder(p0, p_lo, p_hi, s_lo - s0, s_hi - s0, *es_own)
         soft_own = softmax_own(p0, p_lo, p_hi, s_lo - s0, s_hi - s0)
-        p_seg_hi, ds = p_hi, (s_lo - s0, s_hi - s0)
+        p_seg_lo, p_seg_hi, ds = p_lo, p_hi, (s_lo - s0, s_hi - s0)
         p_lo, p_hi = _tighten(p0, p_lo, p_hi, _first_order(ctx, f"{name}.probs"), *e_p)
         p_lo, p_hi = p_lo.clamp(min=0), torch.minimum(p_hi, torch.ones((), dtype=F64))
         return AttentionParts(c, p0, p_lo, p_hi, keep, e_p, own_p, es, es_own, soft_own,
-                              p_seg_hi, ds)
+                              p_seg_hi, ds, p_seg_lo)
     return AttentionParts(c, p0, p_lo, p_hi, keep)
 
 
 def _through_softmax(parts: AttentionParts, s_rem: Pair, p_rem: Pair, v0: Tensor,
-                     w: Tensor, y0: Tensor) -> tuple[Tensor, Tensor]:
+                     w: Tensor, y0: Tensor, quad: Pair | None = None
+                     ) -> tuple[Tensor, Tensor]:
     """A remainder of P carried to Y = P V₀ (centre and radius): p_rem·(V₀ − w), and, since
     p_rem = J₀·s_rem + R_soft comes from a remainder s_rem of the scores, also
     J_{Y←S}·s_rem + R_soft·(V₀ − w) with the exact centre Jacobian
     ∂Y_id/∂S_ij = P⁰_ij(V₀_jd − Y⁰_id): the softmax's Jacobian is not wrapped through
-    |J₀| before meeting V₀. The intersection of both."""
+    |J₀| before meeting V₀. The intersection of both; R_soft·V₀ is also within
+    :func:`softmax_own_times` and ``quad`` (:func:`softmax_own_quadratic`, if given)."""
     assert parts.soft_own is not None
     c, r = iv_matmul(mid_rad(*p_rem), (v0 - w, None))
     lo, hi = c - r, c + r
@@ -429,6 +534,10 @@ def _through_softmax(parts: AttentionParts, s_rem: Pair, p_rem: Pair, v0: Tensor
         joint = softmax_own_times(parts.p_seg_hi, *parts.ds, v0)
         soft_c, soft_r = mid_rad(torch.maximum(soft_c - soft_r, -joint),
                                  torch.minimum(soft_c + soft_r, joint))
+    if quad is not None:
+        soft_lo = torch.maximum(soft_c - soft_r, quad[0])
+        soft_c, soft_r = mid_rad(soft_lo, torch.maximum(soft_lo, torch.minimum(
+            soft_c + soft_r, quad[1])))
     lo = torch.maximum(lo, ctr + soft_c - rad - soft_r)
     hi = torch.minimum(hi, ctr + soft_c + rad + soft_r)
     return mid_rad(lo, torch.maximum(lo, hi))
@@ -463,6 +572,26 @@ def _score_remainder(q: Any, k: Any, c: float, s0: Tensor
     rad = c * sum(t[1] for t in terms) + slack
     own_c, own_r = c * own_c, c * own_r + slack
     return (ctr - rad, ctr + rad), (own_c - own_r, own_c + own_r)
+
+
+def _quadratic(ctx: FwdCtx, name: str | None, parts: AttentionParts, v0: Tensor
+               ) -> Pair | None:
+    """:func:`softmax_own_quadratic` for this call where the forward walk has the Gram
+    matrices of its score rows (``ctx.grams``, dim 0 the sample) and the radii."""
+    gram = ctx.grams.get(f"{name}.scores") if name is not None else None
+    if gram is None or ctx.radius is None or parts.e_s is None or parts.ds is None \
+            or parts.p_seg_lo is None or parts.p_seg_hi is None \
+            or gram.shape != (*parts.p0.shape, parts.p0.shape[-1]):
+        return None
+    key = f"{name}.score_forms"
+    if key not in ctx.memo:
+        ctx.memo[key] = score_forms(gram, parts.p0, v0)
+    forms = ctx.memo[key]
+    if forms is None:
+        return None
+    radius = ctx.radius.reshape(-1, *([1] * (parts.p0.dim() - 1)))
+    return softmax_own_quadratic(parts.p0, parts.p_seg_lo, parts.p_seg_hi, *parts.ds,
+                                 *parts.e_s, v0, forms, radius)
 
 
 def _bt_pair(p: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -513,8 +642,9 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
     e_lo = e_hi = own_lo = own_hi = None
     if e_p is not None and own_p is not None and (not isinstance(v, Box) or v.has_e):
         slack = err + 2 * U * (v0.abs() + w.abs()).amax(-2, keepdim=True)
-        own = [_through_softmax(parts, parts.own_s, own_p, v0, w, value)]
-        terms = [_through_softmax(parts, parts.e_s, e_p, v0, w, value)]
+        quad = _quadratic(ctx, name, parts, v0)
+        own = [_through_softmax(parts, parts.own_s, own_p, v0, w, value, quad)]
+        terms = [_through_softmax(parts, parts.e_s, e_p, v0, w, value, quad)]
         if isinstance(v, Box):
             terms.append(iv_matmul((p0, None), v.e_mid_rad()))
             dv_c, dv_r = mid_rad(*v.delta())
