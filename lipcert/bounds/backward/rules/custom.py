@@ -148,7 +148,10 @@ def _ball_remainder(x: Box, rho: float, n0: Tensor, big_d: Tensor, n_lo: Tensor,
     f₀ = ρ/‖x₀‖ when ‖x₀‖ ≥ ρ, as automatic differentiation takes it). Outside the ball,
     (J − J₀)Δx = (f − f₀)Δx − (f·x̂⟨x̂, Δx⟩ − f₀·x̂₀⟨x̂₀, Δx⟩), bounded with
     |x̂_ix̂_j − x̂₀_ix̂₀_j| ≤ δ_i|x̂_j| + |x̂₀_i|δ_j (δ the enclosure's distance from x̂₀);
-    against the other branch, |I − J_out| ≤ (1 − f)·I + f|x̂||x̂|ᵀ. Rows whose set meets the
+    where the whole set is outside, also by Taylor's theorem for the smooth ρ·x/‖x‖ along
+    the segment: g″[h, h] = (‖h‖²/‖x‖²)(−2uĥ − x̂ + 3u²x̂) for g(x) = x/‖x‖, u = ⟨x̂, ĥ⟩,
+    so |R_i| ≤ ½ρ·sup|g″_i| ≤ ρ·D·(|Δx_i| + D·|x̂_i|)/n_lo². Against the other branch,
+    |I − J_out| ≤ (1 − f)·I + f|x̂||x̂|ᵀ. Rows whose set meets the
     sphere take the larger of both bounds; rows inside for sure have R = 0 and e_y = e_x.
     Returns the enclosure of e_y and the bound of the op's own remainder |R|."""
     dx = x.deviation()
@@ -170,11 +173,14 @@ def _ball_remainder(x: Box, rho: float, n0: Tensor, big_d: Tensor, n_lo: Tensor,
     # J_out(ξ) − J₀ with J₀ = f₀(I − x̂₀x̂₀ᵀ) (centre outside) or I (inside)
     out_vs_out = f_dev * dx + f_hi * z_max * dot(z_dev, dx) + f_dev * z0.abs() * dot(z0.abs(), dx) \
         + f_hi * z_dev * dot(z0.abs(), dx)
+    # the whole set outside (norms ≥ n_lo > ρ): y = ρ·g(x), g(x) = x/‖x‖, smooth on every
+    # segment of the set, so R = ρ·(g(x) − g(x₀) − g′(x₀)Δx) and |R_i| ≤ ½ρ·sup|g″_i[Δx, Δx]|
+    smooth = rho * big_d * (dx + big_d * z_max) / n_star.square() * (1 + 8 * U)
     out_vs_in = (1 - f_lo).clamp(min=0) * dx + f_hi * z_max * dot(z_max, dx)
     in_vs_out = (1 - f0) * dx + f0 * z0.abs() * dot(z0.abs(), dx)
     crosses = (n_lo <= rho) & (n_hi >= rho)
     outside = n_lo > rho
-    r_out = torch.where(outside0, out_vs_out, out_vs_in)
+    r_out = torch.where(outside0, torch.minimum(out_vs_out, smooth), out_vs_in)
     r_cross = torch.where(outside0, torch.maximum(out_vs_out, in_vs_out), out_vs_in)
     r = torch.where(outside, r_out, torch.where(crosses, r_cross, torch.zeros_like(dx)))
     ec, er = x.e_mid_rad()
