@@ -151,7 +151,12 @@ def _ball_remainder(x: Box, rho: float, n0: Tensor, big_d: Tensor, n_lo: Tensor,
     where the whole set is outside, also by Taylor's theorem for the smooth ρ·x/‖x‖ along
     the segment: g″[h, h] = (‖h‖²/‖x‖²)(−2uĥ − x̂ + 3u²x̂) for g(x) = x/‖x‖, u = ⟨x̂, ĥ⟩,
     so |R_i| ≤ ½ρ·sup|g″_i| ≤ ρ·D·(|Δx_i| + D·|x̂_i|)/n_lo². Against the other branch,
-    |I − J_out| ≤ (1 − f)·I + f|x̂||x̂|ᵀ. Rows whose set meets the
+    |I − J_out| ≤ (1 − f)·I + f|x̂||x̂|ᵀ; and since y = ρ·g(x) − x̂·(ρ − ‖x‖)⁺ everywhere,
+    a row whose set meets the sphere has R = R_smooth + x̂·(‖x‖ − ρ) on its points inside
+    the ball around a centre outside (|x̂_i| bounded over norms ≥ n_lo), and
+    R = −x̂·(‖x‖ − ρ)⁺ exactly around a centre inside: both vanish as the set's reach
+    across the sphere (ρ − n_lo or n_hi − ρ) does, where the Jacobians' difference is first
+    order at once. Rows whose set meets the
     sphere take the larger of both bounds; rows inside for sure have R = 0 and e_y = e_x.
     Returns the enclosure of e_y and the bound of the op's own remainder |R|."""
     dx = x.deviation()
@@ -181,7 +186,21 @@ def _ball_remainder(x: Box, rho: float, n0: Tensor, big_d: Tensor, n_lo: Tensor,
     crosses = (n_lo <= rho) & (n_hi >= rho)
     outside = n_lo > rho
     r_out = torch.where(outside0, torch.minimum(out_vs_out, smooth), out_vs_in)
-    r_cross = torch.where(outside0, torch.maximum(out_vs_out, in_vs_out), out_vs_in)
+    # a row whose set meets the sphere: y = ρ·g(x) − x̂·(ρ − ‖x‖)⁺, so around a centre
+    # outside, R = R_smooth + x̂·(‖x‖ − ρ) where ‖x‖ < ρ (the smooth bound with n_lo and
+    # |x̂_i| over norms ≥ n_lo), and around a centre inside, R = −x̂·(‖x‖ − ρ)⁺ exactly
+    reach = n_lo > 0
+    n_safe = torch.where(reach, n_lo, torch.ones_like(n_lo))
+    z_low = torch.clamp(zv + (dx + zv * big_d) / n_safe * (1 + 4 * U), max=1.0)
+    dip = (rho - n_lo).clamp(min=0) * (1 + 2 * U)
+    around_out = torch.where(reach, rho * big_d * (dx + big_d * z_low) / n_safe.square()
+                             * (1 + 8 * U) + z_low * dip, torch.inf)
+    excess = (n_hi - rho).clamp(min=0) * (1 + 2 * U)
+    around_in = torch.minimum(z_max * excess, torch.maximum(x.lo.abs(), x.hi.abs())
+                              * (1 - f_lo).clamp(min=0))
+    r_cross = torch.where(outside0, torch.minimum(torch.maximum(out_vs_out, in_vs_out),
+                                                  around_out),
+                          torch.minimum(out_vs_in, around_in))
     r = torch.where(outside, r_out, torch.where(crosses, r_cross, torch.zeros_like(dx)))
     ec, er = x.e_mid_rad()
     jc = torch.where(outside0, f0 * (ec - z0 * dot(z0, ec)), ec)
