@@ -156,8 +156,8 @@ def _ball_remainder(x: Box, rho: float, n0: Tensor, big_d: Tensor, n_lo: Tensor,
     the ball around a centre outside (|x̂_i| bounded over norms ≥ n_lo), and
     R = −x̂·(‖x‖ − ρ)⁺ exactly around a centre inside: both vanish as the set's reach
     across the sphere (ρ − n_lo or n_hi − ρ) does, where the Jacobians' difference is first
-    order at once. Rows whose set meets the
-    sphere take the larger of both bounds; rows inside for sure have R = 0 and e_y = e_x.
+    order at once. Rows whose set meets the sphere take the larger of both Jacobian bounds,
+    intersected with these; rows inside for sure have R = 0 and e_y = e_x.
     Returns the enclosure of e_y and the bound of the op's own remainder |R|."""
     dx = x.deviation()
     outside0 = n0 >= rho
@@ -189,11 +189,11 @@ def _ball_remainder(x: Box, rho: float, n0: Tensor, big_d: Tensor, n_lo: Tensor,
     # a row whose set meets the sphere: y = ρ·g(x) − x̂·(ρ − ‖x‖)⁺, so around a centre
     # outside, R = R_smooth + x̂·(‖x‖ − ρ) where ‖x‖ < ρ (the smooth bound with n_lo and
     # |x̂_i| over norms ≥ n_lo), and around a centre inside, R = −x̂·(‖x‖ − ρ)⁺ exactly
-    reach = n_lo > 0
-    n_safe = torch.where(reach, n_lo, torch.ones_like(n_lo))
+    away = n_lo > 0  # the set stays away from the origin
+    n_safe = torch.where(away, n_lo, torch.ones_like(n_lo))
     z_low = torch.clamp(zv + (dx + zv * big_d) / n_safe * (1 + 4 * U), max=1.0)
     dip = (rho - n_lo).clamp(min=0) * (1 + 2 * U)
-    around_out = torch.where(reach, rho * big_d * (dx + big_d * z_low) / n_safe.square()
+    around_out = torch.where(away, rho * big_d * (dx + big_d * z_low) / n_safe.square()
                              * (1 + 8 * U) + z_low * dip, torch.inf)
     excess = (n_hi - rho).clamp(min=0) * (1 + 2 * U)
     around_in = torch.minimum(z_max * excess, torch.maximum(x.lo.abs(), x.hi.abs())
