@@ -22,6 +22,7 @@ from lipcert.bounds.backward.registry import FwdCtx
 from lipcert.bounds.backward.rules.attention import (
     AttentionParts,
     _score_remainder,
+    _soft_times,
     _through_softmax,
     attention_parts,
     score_forms,
@@ -136,7 +137,7 @@ def test_score_remainders_reach_the_output_through_the_exact_jacobian() -> None:
             p0, p_lo, p_hi, -h, h))
         y0 = p0 @ v0
         w = v0.mean(-2, keepdim=True)
-        c, r = _through_softmax(parts, (-h, h), p_rem, v0, w, y0)
+        c, r = _through_softmax(parts, (-h, h), p_rem, v0, w, y0, _soft_times(parts, v0, w))
         lo, hi = c - r, c + r
         coef = p0.unsqueeze(-1) * (v0.unsqueeze(-3) - y0.unsqueeze(-2))  # (1, L, S, E)
         points = [(torch.rand(h.shape, generator=g, dtype=F64) * 2 - 1) * h

@@ -509,16 +509,32 @@ def attention_parts(q: Any, k: Any, attn_mask: Any, is_causal: bool, scale: floa
     return AttentionParts(c, p0, p_lo, p_hi, keep)
 
 
+def _soft_times(parts: AttentionParts, v0: Tensor, w: Tensor, quad: Pair | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """R_soft·(V₀ − w) (centre and radius) for the softmax's own term R_soft: the interval
+    product, intersected with :func:`softmax_own_times` and with ``quad``
+    (:func:`softmax_own_quadratic`, if given). R_soft's rows sum to 0, so R_soft·V₀ is the
+    same matrix."""
+    assert parts.soft_own is not None
+    soft_c, soft_r = iv_matmul(mid_rad(*parts.soft_own), (v0 - w, None))
+    lo, hi = soft_c - soft_r, soft_c + soft_r
+    if parts.p_seg_hi is not None and parts.ds is not None:
+        joint = softmax_own_times(parts.p_seg_hi, *parts.ds, v0)
+        lo, hi = torch.maximum(lo, -joint), torch.minimum(hi, joint)
+    if quad is not None:
+        lo, hi = torch.maximum(lo, quad[0]), torch.minimum(hi, quad[1])
+    return mid_rad(lo, torch.maximum(lo, hi))
+
+
 def _through_softmax(parts: AttentionParts, s_rem: Pair, p_rem: Pair, v0: Tensor,
-                     w: Tensor, y0: Tensor, quad: Pair | None = None
+                     w: Tensor, y0: Tensor, soft: tuple[Tensor, Tensor]
                      ) -> tuple[Tensor, Tensor]:
     """A remainder of P carried to Y = P V₀ (centre and radius): p_rem·(V₀ − w), and, since
     p_rem = J₀·s_rem + R_soft comes from a remainder s_rem of the scores, also
     J_{Y←S}·s_rem + R_soft·(V₀ − w) with the exact centre Jacobian
     ∂Y_id/∂S_ij = P⁰_ij(V₀_jd − Y⁰_id): the softmax's Jacobian is not wrapped through
-    |J₀| before meeting V₀. The intersection of both; R_soft·V₀ is also within
-    :func:`softmax_own_times` and ``quad`` (:func:`softmax_own_quadratic`, if given)."""
-    assert parts.soft_own is not None
+    |J₀| before meeting V₀. The intersection of both; ``soft``: R_soft·(V₀ − w) from
+    :func:`_soft_times`."""
     c, r = iv_matmul(mid_rad(*p_rem), (v0 - w, None))
     lo, hi = c - r, c + r
     coef = parts.p0.unsqueeze(-1) * (v0.unsqueeze(-3) - y0.unsqueeze(-2))  # (…, L, S, E)
@@ -529,15 +545,7 @@ def _through_softmax(parts: AttentionParts, s_rem: Pair, p_rem: Pair, v0: Tensor
         "...ls,...lse->...le", sc.abs(), coef_r)
     rad = rad + 2 * gamma(sc.shape[-1] + 4) * (torch.einsum(
         "...ls,...lse->...le", sc.abs(), coef.abs()) + rad) + TINY
-    soft_c, soft_r = iv_matmul(mid_rad(*parts.soft_own), (v0 - w, None))
-    if parts.p_seg_hi is not None and parts.ds is not None:
-        joint = softmax_own_times(parts.p_seg_hi, *parts.ds, v0)
-        soft_c, soft_r = mid_rad(torch.maximum(soft_c - soft_r, -joint),
-                                 torch.minimum(soft_c + soft_r, joint))
-    if quad is not None:
-        soft_lo = torch.maximum(soft_c - soft_r, quad[0])
-        soft_c, soft_r = mid_rad(soft_lo, torch.maximum(soft_lo, torch.minimum(
-            soft_c + soft_r, quad[1])))
+    soft_c, soft_r = soft
     lo = torch.maximum(lo, ctr + soft_c - rad - soft_r)
     hi = torch.minimum(hi, ctr + soft_c + rad + soft_r)
     return mid_rad(lo, torch.maximum(lo, hi))
@@ -642,9 +650,9 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
     e_lo = e_hi = own_lo = own_hi = None
     if e_p is not None and own_p is not None and (not isinstance(v, Box) or v.has_e):
         slack = err + 2 * U * (v0.abs() + w.abs()).amax(-2, keepdim=True)
-        quad = _quadratic(ctx, name, parts, v0)
-        own = [_through_softmax(parts, parts.own_s, own_p, v0, w, value, quad)]
-        terms = [_through_softmax(parts, parts.e_s, e_p, v0, w, value, quad)]
+        soft = _soft_times(parts, v0, w, _quadratic(ctx, name, parts, v0))
+        own = [_through_softmax(parts, parts.own_s, own_p, v0, w, value, soft)]
+        terms = [_through_softmax(parts, parts.e_s, e_p, v0, w, value, soft)]
         if isinstance(v, Box):
             terms.append(iv_matmul((p0, None), v.e_mid_rad()))
             dv_c, dv_r = mid_rad(*v.delta())
