@@ -249,6 +249,12 @@ def _own_remainders(b: Bounds, consts: dict[str, Tensor], env: dict[str, Any],
         assert bool((rem >= lo - tol).all() and (rem <= hi + tol).all()), (
             f"{what}: node {node.name}'s own remainder leaves its enclosure by "
             f"{float(torch.maximum(lo - rem, rem - hi).max()):.3g}")
+        if bx.own_rows is not None:
+            rows = rem.norm(dim=-1)
+            bound = _rep(bx.own_rows, p) + tol.norm(dim=-1)
+            assert bool((rows <= bound).all()), (
+                f"{what}: node {node.name}'s own remainder's row norm exceeds its bound by "
+                f"{float((rows - bound).max()):.3g}")
 
 
 def _tol(t: Tensor) -> Tensor:

@@ -53,7 +53,8 @@ def _finish(out: Any, lin: Tensor | None) -> Any:
     """Pad, combine the enclosures and hold the centre. With the first-order part
     ``lin`` = r·‖A_row‖ of the Taylor model x = x₀ + Aδ + e, x ∈ x₀ ± lin + [e_lo, e_hi],
     and conversely e ∈ [lo − x₀ − lin, hi − x₀ + lin]. The row deviation is at most the box's
-    row norm and the sample's l2; every element moves at most its row's deviation."""
+    row norm and the sample's l2; every element moves at most its row's deviation. The own
+    remainder's row bound grows by the row norm of the padding."""
     if isinstance(out, list | tuple):
         return type(out)(_finish(o, None) for o in out)
     if not isinstance(out, Box):
@@ -64,6 +65,7 @@ def _finish(out: Any, lin: Tensor | None) -> Any:
     lo, hi = out.lo - pad, out.hi + pad
     e_lo, e_hi = out.e_lo, out.e_hi
     own_lo, own_hi = (out.own_lo - pad, out.own_hi + pad) if out.has_own else (None, None)
+    own_rows = out.own_rows + row_norm(pad) if out.own_rows is not None and v.dim() else None
     if lin is not None and e_lo is not None and e_hi is not None:
         lo = torch.maximum(lo, v - lin + e_lo - pad)
         hi = torch.minimum(hi, v + lin + e_hi + pad)
@@ -71,7 +73,8 @@ def _finish(out: Any, lin: Tensor | None) -> Any:
         e_hi = torch.minimum(e_hi, hi - v + lin + pad)
     lo, hi = torch.minimum(lo, v), torch.maximum(hi, v)
     if v.dim() == 0:
-        return Box(v, lo, hi, out.l2, None, e_lo, e_hi, out.aux, own_lo, own_hi, out.dot)
+        return Box(v, lo, hi, out.l2, None, e_lo, e_hi, out.aux, own_lo, own_hi, out.dot,
+                   own_rows)
     rdev = row_norm(torch.maximum(hi - v, v - lo))
     if out.rdev is not None:
         rdev = torch.minimum(rdev, out.rdev.expand(rdev.shape))
@@ -80,7 +83,8 @@ def _finish(out: Any, lin: Tensor | None) -> Any:
     move = rdev.unsqueeze(-1) + pad
     lo = torch.maximum(lo, v - move)
     hi = torch.minimum(hi, v + move)
-    return Box(v, lo, hi, out.l2, rdev, e_lo, e_hi, out.aux, own_lo, own_hi, out.dot)
+    return Box(v, lo, hi, out.l2, rdev, e_lo, e_hi, out.aux, own_lo, own_hi, out.dot,
+               own_rows)
 
 
 def input_box(domain: Domain, center: Tensor, radius: Tensor) -> Box:

@@ -107,6 +107,7 @@ class Box:
     own_lo: Tensor | None = None  # the op's own remainder y − y₀ − J₀(x − x₀) ∈ [own_lo,
     own_hi: Tensor | None = None  # own_hi] (None: affine op, or not tracked)
     dot: GroupDot | None = None  # ⟨u₀, x − x₀⟩ per group, for a normalisation reading x
+    own_rows: Tensor | None = None  # shape[:-1]: bound of the own remainder's ‖row‖₂
 
     @property
     def shape(self) -> torch.Size:

@@ -13,7 +13,9 @@ the same sum through |J₀| op by op, and on a trained transformer that wrapping
 enclosure by a factor 3 to 20 per matrix; here each R_k is taken in absolute value once.
 
 * Intervals. For the inputs of the non-affine ops ("targets"), Cauchy–Schwarz per row
-  (the last dimension) of R_k gives |(M_{y←k}R_k)_e| ≤ Σ_t ‖∂y_e/∂(row t of k)‖₂·‖R_k,t‖₂.
+  (the last dimension) of R_k gives |(M_{y←k}R_k)_e| ≤ Σ_t ‖∂y_e/∂(row t of k)‖₂·‖R_k,t‖₂,
+  with ‖R_k,t‖₂ the norm of the elementwise enclosure or, where a rule bounds the row's
+  norm itself (``Box.own_rows``: LayerNorm, from its second derivative), that bound.
   The gains ‖∂y_e/∂(row t)‖₂ depend on the centre only (``ForwardJacobians.row_gains``, once per
   batch); the walk intersects each target's remainder with ±Σ (plus its own term), which
   narrows the intervals every later R_k is computed from. An attention's scores and
@@ -153,11 +155,15 @@ def _weighted(g: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return low.sum(2) - pad, high.sum(2) + pad
 
 
-def _rows_norm(lo: Tensor, hi: Tensor) -> Tensor:
-    """(rows, n): ‖R_row‖₂ per sample of an own-remainder enclosure [lo, hi] (dim 0 batch,
-    rows along the last dimension), rounded up."""
-    m = torch.maximum(lo.abs(), hi.abs())
+def _rows_norm(src: Box) -> Tensor:
+    """(rows, n): a bound of ‖R_row‖₂ per sample of a source's own remainder (dim 0 batch,
+    rows along the last dimension): the norm of its elementwise enclosure, rounded up, or
+    the rule's own row bound (``Box.own_rows``) where that is smaller."""
+    assert src.own_lo is not None and src.own_hi is not None
+    m = torch.maximum(src.own_lo.abs(), src.own_hi.abs())
     norms = torch.linalg.vector_norm(m, dim=-1) * (1 + gamma(m.shape[-1] + 2))
+    if src.own_rows is not None:
+        norms = torch.minimum(norms, src.own_rows)
     return norms.reshape(m.shape[0], -1).T
 
 
@@ -325,7 +331,7 @@ class SymbolicRemainders:
             src = env[k]
             if not isinstance(src, Box) or not src.has_own:
                 return box
-            rn = _rows_norm(src.own_lo, src.own_hi)  # (rows, n)
+            rn = _rows_norm(src)  # (rows, n)
             gain = self.gains[(name, k)]  # (rows, n, ...)
             total = total + (gain * rn.reshape(*rn.shape, *([1] * (gain.dim() - 2)))).sum(0)
             terms += rn.shape[0]
@@ -335,7 +341,7 @@ class SymbolicRemainders:
         e_hi = torch.minimum(box.e_hi, own_hi + total)
         dot = self._dot_range(name, env)
         return Box(box.value, box.lo, box.hi, box.l2, box.rdev, e_lo, e_hi, box.aux,
-                   box.own_lo, box.own_hi, dot if dot is not None else box.dot)
+                   box.own_lo, box.own_hi, dot if dot is not None else box.dot, box.own_rows)
 
     def _dot_range(self, name: str, env: dict[str, Any]) -> GroupDot | None:
         """The range of ⟨w_g, Δx_g⟩ for a normalisation's input x (module docstring)."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 import lipcert.models.ops  # noqa: F401  (registers the torch.ops.lipcert operators)
-from lipcert.bounds.backward.interval import TINY, Box, Grad, dot_last, mid_rad, mul
+from lipcert.bounds.backward.interval import TINY, Box, Grad, dot_last, mid_rad, mul, row_norm
 from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
 from lipcert.bounds.state import F64, gamma
 
@@ -133,12 +133,34 @@ def token_ball_forward(ctx: FwdCtx, x: Box, radius: float) -> Box:
     lo = torch.maximum(lo, value - dev)
     hi = torch.minimum(hi, value + dev)
     pad = 4 * gamma(x.shape[-1] + 2) * (value.abs() + dev) + TINY
-    e_lo = e_hi = own_lo = own_hi = None
+    e_lo = e_hi = own_lo = own_hi = own_rows = None
     if x.has_e:
         (e_lo, e_hi), own = _ball_remainder(x, rho, n0, big_d, n_lo, n_hi)
+        rows = _ball_remainder_rows(rho, n0, big_d, n_lo, n_hi)
+        own = torch.minimum(own, rows)
         e_lo, e_hi = e_lo - pad, e_hi + pad
         own_lo, own_hi = -own - pad, own + pad
-    return Box(value, lo - pad, hi + pad, x.l2, x.row_dev(), e_lo, e_hi, None, own_lo, own_hi)
+        own_rows = rows.squeeze(-1) + row_norm(pad)
+    return Box(value, lo - pad, hi + pad, x.l2, x.row_dev(), e_lo, e_hi, None, own_lo, own_hi,
+               own_rows=own_rows)
+
+
+def _ball_remainder_rows(rho: float, n0: Tensor, big_d: Tensor, n_lo: Tensor, n_hi: Tensor
+                         ) -> Tensor:
+    """(..., 1): a bound of ‖R‖₂ per row for the own remainder of :func:`_ball_remainder`.
+    g(x) = x/‖x‖ is LayerNorm's φ without ε (``rules/norm.py``, "Remainder per row"):
+    ‖g″[h, h]‖ ≤ (2/√3)‖h‖²/‖x‖², so the smooth part obeys ‖R_smooth‖ ≤ ρ·D²/(√3·n_lo²)
+    (norms ≥ n_lo > 0 on every segment of the set). Whole set outside: R = R_smooth. Set
+    across the sphere around a centre outside: R = R_smooth − x̂·(ρ − ‖x‖)⁺, so
+    ‖R‖ ≤ ρ·D²/(√3·n_lo²) + (ρ − n_lo)⁺; around a centre inside: R = −x̂·(‖x‖ − ρ)⁺, so
+    ‖R‖ ≤ (n_hi − ρ)⁺. Inside for sure: R = 0."""
+    away = n_lo > 0
+    n_safe = torch.where(away, n_lo, torch.ones_like(n_lo))
+    smooth = torch.where(away, rho * big_d.square() / (3**0.5 * n_safe.square()), torch.inf)
+    dip = (rho - n_lo).clamp(min=0)
+    excess = (n_hi - rho).clamp(min=0)
+    rows = torch.where(n0 >= rho, smooth + dip, excess)
+    return torch.where(n_hi < rho, torch.zeros_like(rows), rows) * (1 + 16 * U)
 
 
 def _ball_remainder(x: Box, rho: float, n0: Tensor, big_d: Tensor, n_lo: Tensor, n_hi: Tensor

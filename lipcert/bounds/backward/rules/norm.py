@@ -35,6 +35,23 @@ K(0) = K′(0) = 0 (:func:`inverse_std_change`). Exact ranges over the ranges of
 where the cruder bounds ‖∇g‖ ≤ 1/(√d·s²) and |ΔuᵀΔ²gΔu| ≤ 4‖Δu‖²/(d·s³) use the worst
 direction of Δu; |a| ≤ A is usually far below ‖u₀‖·D/d.
 
+Remainder per row, in ℓ2 (:func:`row_remainder`): ẑ = √d·φ(u) with φ(u) = u/ψ(u),
+ψ = √(‖u‖² + dε) = √d·s. For a unit h, with v = u/ψ (‖v‖ ≤ 1) and α = ⟨v, h⟩,
+
+    D²φ(u)[h, h] = (−2αh + (3α² − 1)v)/ψ²,
+    ‖−2αh + (3α² − 1)v‖² = 8α² − 12α⁴ + ‖v‖²(3α² − 1)² ≤ 1 + 2α² − 3α⁴ ≤ 4/3
+
+(α² ≤ ‖v‖² ≤ 1; the maximum is at α² = 1/3). Taylor's theorem with the integral remainder
+along the segment from u₀ to u (inside the input set's box, and with ⟨u₀, Δu⟩ between 0
+and its value, so s ≥ s_lo on it) gives ‖R_ẑ‖ ≤ √d·½·(2/√3)·‖Δu‖²/ψ_min², i.e.
+
+    ‖γ ⊙ R‖ ≤ max|γ|·D²/(√(3d)·s_lo²),
+
+with D ≥ ‖Δu‖. The elementwise bounds above let every element of a row reach its worst
+case at once; this one keeps the row's geometry, and the symbolic remainders use it
+(``Box.own_rows``; ``symbolic.py``). It is attained to first order: α² = 1/3, ‖v‖ → 1
+(ε → 0) and D ≪ ‖u₀‖.
+
 Centre values carry float64 rounding slack γ_{d+4} relative to the magnitudes involved.
 """
 
@@ -54,6 +71,7 @@ from lipcert.bounds.backward.interval import (
     dot_last,
     mid_rad,
     mul,
+    row_norm,
     widen,
 )
 from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
@@ -291,7 +309,7 @@ def norm_forward(x: Box, k: int, weight: Any, bias: Any, eps: float, centred: bo
     s0 = torch.sqrt(v.square().mean(-1, keepdim=True) + eps)
     z0 = v / s0
     value = (z0 * g + b).reshape(x.shape)
-    rdev = e_lo = e_hi = own_lo = own_hi = None
+    rdev = e_lo = e_hi = own_lo = own_hi = own_rows = None
     if k == 1 and x.dim() >= 1:
         gmax = float(g.abs().max()) * (1 + 1e-15)
         rdev = x.row_dev() * gmax / s_lo.reshape(x.shape[:-1])
@@ -300,8 +318,23 @@ def norm_forward(x: Box, k: int, weight: Any, bias: Any, eps: float, centred: bo
         slack = gamma(d + 8) * (value.abs() + 1).reshape(-1, d) * (1 + g.abs())
         e_lo = (e_lo - slack).reshape(x.shape)
         e_hi = (e_hi + slack).reshape(x.shape)
+        if k == 1 and x.dim() >= 1:
+            rows = row_remainder(x, d, s_lo, g)
+            own = torch.minimum(own, rows)
+            own_rows = (rows.squeeze(-1) + row_norm(slack)).reshape(x.shape[:-1])
         own_lo, own_hi = (-own - slack).reshape(x.shape), (own + slack).reshape(x.shape)
-    return Box(value, lo, hi, None, rdev, e_lo, e_hi, None, own_lo, own_hi)
+    return Box(value, lo, hi, None, rdev, e_lo, e_hi, None, own_lo, own_hi,
+               own_rows=own_rows)
+
+
+def row_remainder(x: Box, d: int, s_lo: Tensor, g: Tensor) -> Tensor:
+    """(rows, 1): a bound of ‖γ ⊙ R‖₂ per row (module docstring, "Remainder per row"),
+    max|γ|·D²/(√(3d)·s_lo²) with D the row's deviation bound, rounded up."""
+    big_d = torch.minimum(torch.linalg.vector_norm(x.deviation().reshape(-1, d), dim=-1),
+                          x.row_dev().reshape(-1)) * (1 + gamma(d + 2))
+    gmax = float(g.abs().max())
+    bound = gmax * big_d.square().unsqueeze(-1) / (math.sqrt(3 * d) * s_lo.square())
+    return bound * (1 + gamma(8)) + TINY
 
 
 def _norm_remainder(x: Box, d: int, centred: bool, s_lo: Tensor, s_hi: Tensor, s0: Tensor,
