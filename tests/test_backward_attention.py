@@ -7,12 +7,15 @@ bounds are reached, so a bound too small by any factor fails here, which the end
 rule tests cannot promise. And softmax's own second-order remainder
 (``softmax_second_order``) at random and gradient-searched points of random score boxes,
 and its product with the values as a quadratic form of the input deviation
-(``softmax_own_quadratic``) at random and searched points of random balls."""
+(``softmax_own_quadratic``) at random and searched points of random balls. And the bound
+of the op's own remainder's row norms (``_own_rows``) at random and searched points, and
+at the points where each of its parts is attained."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +29,7 @@ from lipcert.bounds.backward.rules.attention import (
     _through_softmax,
     attention_parts,
     score_forms,
+    sdpa_forward,
     softmax_box,
     softmax_own,
     softmax_own_quadratic,
@@ -315,3 +319,137 @@ def test_softmax_own_quadratic_holds_and_is_reached() -> None:
     share = torch.tensor(reached)
     assert len(reached) >= 30 and float(share.median()) >= 0.7 and float(share.max()) >= 0.9, \
         reached
+
+
+def _attention_set(g: torch.Generator, value: Tensor, scale: float, l2: bool
+                   ) -> tuple[Box, Callable[[Tensor], Tensor]]:
+    """A random input set around ``value`` (1, h, t, e): box half-widths up to ``scale``,
+    row balls within them and (with ``l2``) a ball of the whole deviation, smaller than the
+    rows' √Σ‖Δx_j‖²; returns the Box and the map of a deviation into the set."""
+    half = torch.rand(value.shape, generator=g, dtype=F64) * scale
+    rows = half.norm(dim=-1) * (0.3 + 0.7 * torch.rand(value.shape[:-1], generator=g,
+                                                        dtype=F64))
+    ball = rows.square().sum().sqrt() * float(torch.empty(()).uniform_(0.3, 1.0, generator=g))
+    zero = torch.zeros_like(value)
+    box = Box(value, value - half, value + half, ball.reshape(1) if l2 else None, rows, zero,
+              zero)
+
+    def into(dev: Tensor) -> Tensor:
+        dev = _inside(dev, half, rows)
+        if l2:
+            dev = dev * torch.clamp(ball / dev.norm().clamp(min=1e-300), max=1.0)
+        return dev
+
+    return box, into
+
+
+def _attention_own(q0: Tensor, k0: Tensor, v0: Tensor, dq: Tensor, dk: Tensor, dv: Tensor
+                   ) -> Tensor:
+    """Attention's own remainder Y(Q, K, V) − Y⁰ − J₀(ΔQ, ΔK, ΔV) (forward-mode AD)."""
+    def att(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+
+    y0, lin = torch.func.jvp(att, (q0, k0, v0), (dq, dk, dv))
+    return att(q0 + dq, k0 + dk, v0 + dv) - y0 - lin
+
+
+def _tight_sets(kind: str, q0: Tensor, k0: Tensor, v0: Tensor, scale: float
+                ) -> tuple[list[Any], list[Callable[[Tensor], Tensor]]]:
+    """Input sets at which a part of the attention's row bound is attained (see the test):
+    the operands (a Box, or the constant centre) and the maps of deviations into them."""
+    h = q0.shape[1]
+
+    def rows_and_ball(x0: Tensor, ball: float | None) -> tuple[Box, Callable]:
+        rows = torch.full(x0.shape[:-1], scale, dtype=F64)
+        l2 = None if ball is None else torch.full((1,), ball, dtype=F64)
+
+        def into(dev: Tensor) -> Tensor:
+            dev = _inside(dev, torch.ones_like(dev), rows)
+            if ball is not None:
+                dev = dev * torch.clamp(ball / dev.norm().clamp(min=1e-300), max=1.0)
+            return dev
+
+        return Box(x0, x0 - 1.0, x0 + 1.0, l2, rows, x0 * 0, x0 * 0), into
+
+    def fixed(dev: Tensor) -> Tensor:
+        return dev * 0
+
+    ball = 2**0.5 * scale * h**0.5  # both keys' rows at full deviation in every head
+    if kind == "scores":
+        q, into_q = rows_and_ball(q0, None)
+        k, into_k = rows_and_ball(k0, ball)
+        return [q, k, v0], [into_q, into_k, fixed]
+    k, into_k = rows_and_ball(k0, None)
+    v, into_v = rows_and_ball(v0, ball)
+    return [q0, k, v], [fixed, into_k, into_v]
+
+
+def test_attention_own_row_bound_holds_and_is_reached() -> None:
+    """The attention rule's bound of its own remainder's row norms (``Box.own_rows``:
+    Cauchy–Schwarz over the keys with ‖ΔK‖_F and ‖ΔV‖_F, ``_own_rows``) holds at random
+    points of random input sets (boxes, row balls, and in half the cases a ball of the
+    whole deviation) and at points pushed by gradient ascent on the row norms. Two kinds
+    of sets with two keys and small deviations make one part exact, and the bound is
+    reached to within 5% there (so 0.95 of either part fails): the scores' term
+    c‖ΔQ_i‖·‖a_i‖₂·‖ΔK‖_F with constant values and Q, K centred at 0 (no first-order
+    score change: the softmax's own term is fourth order) at ΔQ_i = ‖ΔQ_i‖u,
+    ΔK₁ = −ΔK₂ along u; and ΔP's term ‖ΔP_i‖₂·‖ΔV‖_F with constant queries and V centred
+    at 0 at the score box's corner ΔK₁ = −ΔK₂ = ±(box) and ΔV₁ = −ΔV₂."""
+    g = torch.Generator().manual_seed(11)
+    node = type("Node", (), {"name": "attention", "target": None})()
+    reached: dict[str, list[float]] = {"scores": [], "probs": []}
+    for case in range(200):
+        kind = {0: "scores", 2: "probs"}.get(case % 4)
+        h, t = 2, int(torch.randint(2, 6, (), generator=g))
+        s = 2 if kind else int(torch.randint(2, 7, (), generator=g))
+        e, ev = (int(torch.randint(2, 7, (), generator=g)) for _ in range(2))
+        scale = 1e-5 if kind else float(10 ** torch.empty(()).uniform_(-4, -0.5, generator=g))
+        q0 = torch.randn(1, h, t, e, generator=g, dtype=F64)
+        k0 = torch.randn(1, h, s, e, generator=g, dtype=F64)
+        v0 = torch.randn(1, h, s, ev, generator=g, dtype=F64)
+        if kind == "scores":
+            q0, k0 = q0 * 0, k0 * 0
+        if kind == "probs":
+            v0 = v0 * 0
+        if kind:
+            ops, intos = _tight_sets(kind, q0, k0, v0, scale)
+        else:
+            sets = [_attention_set(g, x, scale, l2) for x, l2 in
+                    ((q0, False), (k0, case % 2 == 0), (v0, case % 2 == 1))]
+            ops, intos = [b for b, _ in sets], [into for _, into in sets]
+        out = sdpa_forward(FwdCtx(node=node), *ops)
+        assert out.own_rows is not None
+        centres = (q0, k0, v0)
+        points = []
+        for _ in range(4):
+            devs = [into(torch.randn(x.shape, generator=g, dtype=F64) * scale)
+                    for x, into in zip(centres, intos, strict=True)]
+            for _ in range(15):
+                devs = [x.detach().requires_grad_(True) for x in devs]
+                rows = _attention_own(*centres, *devs).norm(dim=-1).sum()
+                steps = torch.autograd.grad(rows, devs, allow_unused=True)
+                devs = [into(x.detach() + (0 if st is None else 0.3 * scale * st
+                                           / st.norm().clamp(min=1e-300)))
+                        for x, st, into in zip(devs, steps, intos, strict=True)]
+            points.append(devs)
+        if kind:
+            u = torch.randn(e, generator=g, dtype=F64)
+            u = u / u.norm()
+            if kind == "scores":
+                dk = torch.stack([u, -u]).expand(1, h, 2, e) * scale
+                points.append([u.expand_as(q0) * scale, dk, v0 * 0])
+            else:
+                corner = torch.sign(q0[..., :1, :]).expand(1, h, 1, e) * scale / e**0.5
+                w = torch.randn(ev, generator=g, dtype=F64)
+                dv = torch.stack([w, -w]).expand(1, h, 2, ev)
+                for sign in (1.0, -1.0):
+                    points.append([q0 * 0, torch.cat([corner, -corner], 2) * sign,
+                                   intos[2](dv * scale)])
+        best = torch.zeros_like(out.own_rows)
+        for devs in points:
+            norms = _attention_own(*centres, *(x.detach() for x in devs)).norm(dim=-1)
+            assert bool((norms <= out.own_rows * (1 + 1e-9) + 1e-15).all()), "row bound"
+            best = torch.maximum(best, norms)
+        if kind:
+            reached[kind].append(float((best / out.own_rows).max()))
+    assert max(reached["scores"]) >= 0.95 and max(reached["probs"]) >= 0.95, reached

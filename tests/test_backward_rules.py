@@ -280,6 +280,18 @@ def _check_points(b: Bounds, consts: dict[str, Tensor], c: Tensor, xs: Tensor,
         assert bool((v >= lo - _tol(v)).all() and (v <= hi + _tol(v)).all()), (
             f"{what}: node {name} leaves its interval by "
             f"{float(torch.maximum(lo - v, v - hi).max()):.3g}")
+    # deviations from the centre: per row (rdev) and per sample (l2)
+    for name in names:
+        bx, v = b.env[name], env[name].detach()
+        dev = v - _rep(centre_vals[name], p)
+        tol = 1e-10 * (1 + v.abs().amax())
+        if bx.rdev is not None and v.dim() >= 2:
+            assert bool((dev.norm(dim=-1) <= _rep(bx.rdev, p) + tol).all()), (
+                f"{what}: node {name}'s rows move more than rdev")
+        if bx.l2 is not None and v.dim() >= 1 and bx.l2.shape == (c.shape[0],):
+            per_sample = dev.reshape(dev.shape[0], -1).norm(dim=1)
+            assert bool((per_sample <= _rep(bx.l2, p) + tol).all()), (
+                f"{what}: node {name} moves more than l2")
     # Taylor remainders: value − value₀ − A·δ ∈ e
     cr = _rep(c, p)
     _, lin = torch.func.jvp(lambda t: tuple(tensors(run(b.graph, consts, t), names)),

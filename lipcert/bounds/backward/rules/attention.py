@@ -647,7 +647,7 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
     pad = 2 * gamma(S + 4) * torch.maximum(lo.abs(), hi.abs())
     rv = v.row_dev() if isinstance(v, Box) else torch.zeros(v0.shape[:-1], dtype=F64)
     rdev = (dp @ row_norm(spread).unsqueeze(-1) + p0 @ rv.unsqueeze(-1)).squeeze(-1)
-    e_lo = e_hi = own_lo = own_hi = None
+    e_lo = e_hi = own_lo = own_hi = own_rows = None
     if e_p is not None and own_p is not None and (not isinstance(v, Box) or v.has_e):
         slack = err + 2 * U * (v0.abs() + w.abs()).amax(-2, keepdim=True)
         soft = _soft_times(parts, v0, w, _quadratic(ctx, name, parts, v0))
@@ -667,8 +667,50 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
         ctr = sum(t[0] for t in own)
         rad = sum(t[1] for t in own) + slack
         own_lo, own_hi = ctr - rad, ctr + rad
+        own_rows = torch.minimum(row_norm(torch.maximum(own_lo.abs(), own_hi.abs())),
+                                 _own_rows(parts, q, k, v, v0, value, soft) + row_norm(slack))
     aux = {"p0": p0, "p_lo": p_lo, "p_hi": p_hi}
     if e_p is not None:
         aux["pe_lo"], aux["pe_hi"] = e_p
     return Box(value, lo - pad, hi + pad, None, rdev * (1 + 2 * gamma(S + 4)), e_lo, e_hi,
-               aux, own_lo, own_hi)
+               aux, own_lo, own_hi, own_rows=own_rows)
+
+
+def _frobenius(x: Any, heads: torch.Size) -> Tensor:
+    """A bound of ‖ΔX‖_F per sample and head (shape ``heads``, the leading dimensions of X
+    without its last two): the sample's ℓ2 deviation (``Box.l2``) where smaller than the
+    rows' √Σ‖Δx_j‖²; 0 for a constant."""
+    if not isinstance(x, Box):
+        return torch.zeros(heads, dtype=F64)
+    rows = x.row_dev()
+    by_rows = rows.square().sum(-1).sqrt() * (1 + gamma(rows.shape[-1] + 2))
+    if x.l2 is not None:
+        by_rows = torch.minimum(by_rows, x.l2.reshape(-1, *([1] * (by_rows.dim() - 1))))
+    return by_rows.expand(heads)
+
+
+def _own_rows(parts: AttentionParts, q: Any, k: Any, v: Any, v0: Tensor, y0: Tensor,
+              soft: tuple[Tensor, Tensor]) -> Tensor:
+    """A bound of ‖R_i‖₂ per output row for the op's own remainder
+    R = J_{Y←S}·own_S + R_soft·V₀ + ΔP·ΔV (``sdpa_forward``), with own_S = c·ΔQΔKᵀ:
+
+    * ‖(J_{Y←S}·own_S)_i‖ = c‖Σ_j P⁰_ij(V₀_j − Y⁰_i)(ΔQ_i·ΔK_j)‖
+      ≤ c‖ΔQ_i‖·Σ_j a_ij‖ΔK_j‖ ≤ c‖ΔQ_i‖·‖a_i‖₂·‖ΔK‖_F, a_ij = P⁰_ij‖V₀_j − Y⁰_i‖;
+    * ‖(ΔP·ΔV)_i‖ ≤ Σ_j |ΔP_ij|·‖ΔV_j‖ ≤ ‖ΔP_i‖₂·‖ΔV‖_F;
+    * ‖(R_soft·V₀)_i‖: the norm of its elementwise enclosure ``soft``.
+
+    Cauchy–Schwarz over the keys with ‖ΔK‖_F, ‖ΔV‖_F (per sample and head, from the
+    sample's ℓ2 deviation) keeps the keys from all deviating at their worst at once, which
+    the elementwise products allow: before the first token mixing each key depends on its
+    own patch or token only, so ‖ΔK‖_F is about the largest ‖ΔK_j‖, not their sum."""
+    heads = y0.shape[:-2]
+    p0 = parts.p0.expand(*heads, *parts.p0.shape[-2:])
+    spread = torch.linalg.vector_norm(v0.unsqueeze(-3) - y0.unsqueeze(-2), dim=-1)
+    a = torch.linalg.vector_norm(p0 * spread, dim=-1) * (1 + gamma(v0.shape[-1] + 8))
+    q_rows = q.row_dev() if isinstance(q, Box) else torch.zeros(heads + y0.shape[-2:-1],
+                                                                   dtype=F64)
+    scores = parts.c * q_rows * a * _frobenius(k, heads).unsqueeze(-1)
+    dp = torch.maximum(parts.p_hi - parts.p0, parts.p0 - parts.p_lo)
+    probs = row_norm(dp.expand_as(p0)) * _frobenius(v, heads).unsqueeze(-1)
+    soft_c, soft_r = soft
+    return (scores + probs) * (1 + gamma(4)) + row_norm(soft_c.abs() + soft_r)

@@ -283,9 +283,11 @@ def rms_norm(ctx: BackCtx, g: Grad, x: Box, normalized_shape: list[int], weight:
 def norm_forward(x: Box, k: int, weight: Any, bias: Any, eps: float, centred: bool) -> Box:
     """y = γ ⊙ ẑ + β with ẑ's enclosure from :func:`normalised` (module docstring). The
     Jacobian (I − ẑẑᵀ/d)P/s has norm ≤ 1/s, so a row moves by at most
-    max|γ|·‖Δx_row‖/s_lo. Remainder (k = 1): e_y = γ ⊙ (J₀e_x + R) with J₀ the Jacobian at
-    the centre, J₀v = (v − [mean v] − ẑ₀⟨ẑ₀, v⟩/d)/s₀ (|J₀| bounded by the triangle
-    inequality), and R the Taylor remainder of ẑ(u) = u·g(u), g = 1/s, in u = Px:
+    max|γ|·‖Δx_row‖/s_lo, and a sample by at most max|γ|·‖Δx‖/min s_lo over its groups
+    (each group's change is within max|γ|/s_lo of its input's). Remainder (k = 1):
+    e_y = γ ⊙ (J₀e_x + R) with J₀ the Jacobian at the centre,
+    J₀v = (v − [mean v] − ẑ₀⟨ẑ₀, v⟩/d)/s₀ (|J₀| bounded by the triangle inequality), and R
+    the Taylor remainder of ẑ(u) = u·g(u), g = 1/s, in u = Px:
     R = Δu·(g − g₀) + u₀·(g − g₀ − ∇g₀·Δu). Here ∇g = −u/(d·s³), ‖∇g‖ ≤ 1/(√d·s²), and
     ∇²g = −I/(d·s³) + 3uuᵀ/(d²·s⁵), so |ΔuᵀΔ²gΔu| ≤ 4‖Δu‖²/(d·s³) (‖u‖² ≤ d·s²). With
     D ≥ ‖Δu‖ and s ≥ s_lo on the set:
@@ -309,10 +311,12 @@ def norm_forward(x: Box, k: int, weight: Any, bias: Any, eps: float, centred: bo
     s0 = torch.sqrt(v.square().mean(-1, keepdim=True) + eps)
     z0 = v / s0
     value = (z0 * g + b).reshape(x.shape)
-    rdev = e_lo = e_hi = own_lo = own_hi = own_rows = None
+    rdev = e_lo = e_hi = own_lo = own_hi = own_rows = l2 = None
+    gmax = float(g.abs().max()) * (1 + 1e-15)
     if k == 1 and x.dim() >= 1:
-        gmax = float(g.abs().max()) * (1 + 1e-15)
         rdev = x.row_dev() * gmax / s_lo.reshape(x.shape[:-1])
+    if x.l2 is not None and x.dim() > k:
+        l2 = x.l2 * gmax / s_lo.reshape(x.shape[0], -1).amin(1) * (1 + 1e-15)
     if x.has_e:
         (e_lo, e_hi), own = _norm_remainder(x, d, centred, s_lo, s_hi, s0, z0, zc, zr, g)
         slack = gamma(d + 8) * (value.abs() + 1).reshape(-1, d) * (1 + g.abs())
@@ -323,8 +327,7 @@ def norm_forward(x: Box, k: int, weight: Any, bias: Any, eps: float, centred: bo
             own = torch.minimum(own, rows)
             own_rows = (rows.squeeze(-1) + row_norm(slack)).reshape(x.shape[:-1])
         own_lo, own_hi = (-own - slack).reshape(x.shape), (own + slack).reshape(x.shape)
-    return Box(value, lo, hi, None, rdev, e_lo, e_hi, None, own_lo, own_hi,
-               own_rows=own_rows)
+    return Box(value, lo, hi, l2, rdev, e_lo, e_hi, None, own_lo, own_hi, own_rows=own_rows)
 
 
 def row_remainder(x: Box, d: int, s_lo: Tensor, g: Tensor) -> Tensor:
