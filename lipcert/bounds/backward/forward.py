@@ -13,6 +13,15 @@ enclosures intersect to a sound one).
 After each rule the walk makes sure the enclosure holds the centre value (it is a point of
 the set) and widens it by 1e-13 of its magnitude for the rounding of elementwise formulas;
 rules add the slack of their sums themselves.
+
+Row deviations from the Taylor model: x_row − x₀_row = A_row·δ + e_row, so
+‖x_row − x₀_row‖ ≤ r·‖A_row‖₂ + ‖e_row‖ with the operator norm of the row's Jacobian, where
+the elementwise first-order parts r·‖A_e‖ add up to r·‖A_row‖_F (each element at its worst
+at once). ‖A_row‖₂² is the largest eigenvalue of the Gram matrix A_rowA_rowᵀ, which the
+input pass records at the nodes its compressed stack reads (``jacobian.py``; before the
+first token mixing, the rows of at most 64 elements); eigvalsh in float64 is raised by
+10⁻⁹ of itself and 10⁻¹⁰ of the trace, which covers its backward error and the Gram
+matrix's rounding (both below 10⁻¹² of the trace).
 """
 
 from __future__ import annotations
@@ -49,12 +58,13 @@ def _constant(t: Tensor) -> Tensor:
     return t.to(F64) if t.is_floating_point() else t
 
 
-def _finish(out: Any, lin: Tensor | None) -> Any:
+def _finish(out: Any, lin: Tensor | None, lin_rows: Tensor | None = None) -> Any:
     """Pad, combine the enclosures and hold the centre. With the first-order part
-    ``lin`` = r·‖A_row‖ of the Taylor model x = x₀ + Aδ + e, x ∈ x₀ ± lin + [e_lo, e_hi],
+    ``lin`` = r·‖A_e‖ of the Taylor model x = x₀ + Aδ + e, x ∈ x₀ ± lin + [e_lo, e_hi],
     and conversely e ∈ [lo − x₀ − lin, hi − x₀ + lin]. The row deviation is at most the box's
-    row norm and the sample's l2; every element moves at most its row's deviation. The own
-    remainder's row bound grows by the row norm of the padding."""
+    row norm, the sample's l2 and, with ``lin_rows`` = r·‖A_row‖₂, lin_rows + ‖e_row‖ (module
+    docstring); every element moves at most its row's deviation. The own remainder's row
+    bound grows by the row norm of the padding."""
     if isinstance(out, list | tuple):
         return type(out)(_finish(o, None) for o in out)
     if not isinstance(out, Box):
@@ -80,6 +90,9 @@ def _finish(out: Any, lin: Tensor | None) -> Any:
         rdev = torch.minimum(rdev, out.rdev.expand(rdev.shape))
     if out.l2 is not None and v.dim() >= 2:
         rdev = torch.minimum(rdev, out.l2.reshape(-1, *([1] * (v.dim() - 2))))
+    if lin_rows is not None and e_lo is not None and e_hi is not None:
+        e_rows = row_norm(torch.maximum(e_lo.abs(), e_hi.abs()))
+        rdev = torch.minimum(rdev, (lin_rows + e_rows) * (1 + 4 * 2.0**-53))
     move = rdev.unsqueeze(-1) + pad
     lo = torch.maximum(lo, v - move)
     hi = torch.minimum(hi, v + move)
@@ -119,6 +132,7 @@ class Intervals:
         self._centre: Tensor | None = None
         self._norms: dict[str, Tensor] = {}
         self._grams: dict[str, Tensor] = {}
+        self._row_norms: dict[str, Tensor] = {}
         self._memo: dict[str, Any] = {}
         self._sids: dict[str, Tensor | None] = {}
         self.jacobians: ForwardJacobians | None = None
@@ -150,6 +164,8 @@ class Intervals:
         self._norms = self.jacobians.input_norms()
         self._grams = {name: g for name, g in self.jacobians.score_grams.items()
                        if self.batch_major(name)}
+        self._row_norms = {name: _largest_singular(g) for name, g in
+                           self.jacobians.row_grams.items() if self.batch_major(name)}
         self._memo = {}
 
     def batch_major(self, name: str) -> bool:
@@ -201,6 +217,16 @@ class Intervals:
         r = torch.where(s >= 0, radius[s.clamp(min=0)], radius.max())
         return norms * r * (1 + 4 * 2.0**-53)
 
+    def first_order_rows(self, name: str, radius: Tensor, shape: torch.Size
+                         ) -> Tensor | None:
+        """r·‖A_row‖₂ per row of a batch-major node whose rows' Gram matrices the input
+        pass recorded (module docstring), else None."""
+        norms = self._row_norms.get(name)
+        if norms is None or norms.shape != shape[:-1]:
+            return None
+        r = radius.reshape(-1, *([1] * (norms.dim() - 1)))
+        return norms * r * (1 + 4 * 2.0**-53)
+
     def __call__(self, center: Tensor, radius: Tensor) -> dict[str, Any]:
         if self.taylor:
             self.prepare(center)
@@ -225,7 +251,8 @@ class Intervals:
         if not self.taylor:
             return forward_node(ctx, node, env, None)
         return forward_node(ctx, node, env, lambda name, shape: self.first_order(
-            name, radius, shape), tighten)
+            name, radius, shape), tighten, lambda name, shape: self.first_order_rows(
+            name, radius, shape))
 
 
 FirstOrder = Callable[[str, torch.Size], Tensor | None]
@@ -233,12 +260,14 @@ Tighten = Callable[[str, Any], Any]
 
 
 def forward_node(ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
-                 first_order: FirstOrder | None, tighten: Tighten | None = None) -> Any:
+                 first_order: FirstOrder | None, tighten: Tighten | None = None,
+                 first_order_rows: FirstOrder | None = None) -> Any:
     """The forward value of one call node from ``env``: constant folding, or its forward rule
-    and :func:`_finish`. ``first_order(name, shape)``: r·‖A_row‖ of a node (or of an
-    attention's ``<name>.scores`` / ``<name>.probs``), or None without Taylor models;
-    ``tighten(name, box)``: a sharper remainder (symbolic remainders), applied before
-    :func:`_finish` intersects the interval with the Taylor model."""
+    and :func:`_finish`. ``first_order(name, shape)``: r·‖A_e‖ per element of a node (or of
+    an attention's ``<name>.scores`` / ``<name>.probs``), or None without Taylor models;
+    ``first_order_rows(name, shape)``: r·‖A_row‖₂ per row, or None; ``tighten(name, box)``:
+    a sharper remainder (symbolic remainders), applied before :func:`_finish` intersects the
+    interval with the Taylor model."""
     if is_runtime_check(node.target):
         return None
     args = map_arg(node.args, lambda a: env[a.name])
@@ -264,9 +293,19 @@ def forward_node(ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
     out = fn(ctx, *args, **kwargs)
     if tighten is not None:
         out = tighten(node.name, out)
-    lin = first_order(node.name, out.shape) if first_order is not None and isinstance(
-        out, Box) else None
-    return _finish(out, lin)
+    lin = lin_rows = None
+    if isinstance(out, Box) and first_order is not None:
+        lin = first_order(node.name, out.shape)
+    if isinstance(out, Box) and first_order_rows is not None:
+        lin_rows = first_order_rows(node.name, out.shape)
+    return _finish(out, lin, lin_rows)
+
+
+def _largest_singular(gram: Tensor) -> Tensor:
+    """(…): an upper bound of √λ_max of each Gram matrix (…, w, w) (module docstring)."""
+    top = torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0)
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return (top * (1 + 1e-9) + 1e-10 * trace).sqrt() * (1 + 4 * 2.0**-53) + 1e-300
 
 
 SHAPE_QUERIES = {torch.ops.aten.sym_size, torch.ops.aten.sym_numel, torch.ops.aten.sym_stride,

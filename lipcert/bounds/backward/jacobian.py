@@ -8,7 +8,9 @@ of each recorded node's tangents. Attention nodes also give the norms of their s
 probabilities (``<node>.scores``, ``<node>.probs``), and the input pass the Gram matrix
 A_iA_iᵀ of each score row's Jacobian A_i = ∂s_i/∂x (S × input size) where a row has at most
 MAX_GRAM_KEYS keys (``ForwardJacobians.score_grams``; for attention's softmax terms,
-``rules/attention.py``).
+``rules/attention.py``), and of each row's Jacobian at the nodes its compressed stack
+reads (``ForwardJacobians.row_grams``; their largest eigenvalues bound the rows' ℓ2
+deviations, ``forward.py``).
 
 Compressed passes (derivation: docs/local-margin.md, "Cost"). The source's coordinates
 fall into units (its rows, or single coordinates); ``dependency.py`` finds which units
@@ -48,6 +50,7 @@ from lipcert.bounds.backward.tangents import push
 REL = 1e-9
 BUDGET = 2**23  # the most elements of one node's tangent stack at a time
 MAX_GRAM_KEYS = 64  # score rows with more keys get no Gram matrix (it costs S per entry)
+MAX_ROW_GRAM = 64  # the widest rows whose Gram matrices the input pass records
 
 
 class ForwardJacobians:
@@ -68,14 +71,15 @@ class ForwardJacobians:
         self.batch_major = batch_major or (lambda name: False)
         self.coeffs: dict[Any, Any] = {}
         self.score_grams: dict[str, Tensor] = {}
+        self.row_grams: dict[str, Tensor] = {}
 
     def input_norms(self) -> dict[str, Tensor]:
         """``{node: ‖∂y_e/∂x‖₂ per element}`` for the input and every node depending on it,
         attention nodes' scores and probabilities included; also sets
-        :attr:`score_grams`."""
+        :attr:`score_grams` and :attr:`row_grams`."""
         names = {nd.name for nd in self.nodes if nd.op == "call_function"}
         rec = self._pass(self.input_name, 1, names | {self.input_name}, total=True)
-        self.score_grams = rec.grams
+        self.score_grams, self.row_grams = rec.grams, rec.row_grams
         return {name: _rounded_up(s.sqrt()) for name, s in rec.sq.items()}
 
     def row_gains(self, source: str, targets: set[str]) -> dict[str, Tensor]:
@@ -229,6 +233,9 @@ class _Plan:
                                                          for p in PARTS)))
             and _fits(self.deps[nd.name], jac.vals[nd.name], n) and jac.batch_major(nd.name)
             and conflict_free(self.deps[nd.name], self.colour, self.colours)}
+        # readable nodes none of whose rows depends on two units of one colour
+        self.row_free = {name for name in self.readable if self.deps[name].dim() >= 3
+                         and conflict_free(self.deps[name].any(-1), self.colour, self.colours)}
         reach = {source} | {nd.name for nd in chain}
         inputs = {nd.name: {a.name for a in nd.all_input_nodes} & reach for nd in chain}
         later = {t for t in targets & reach if t != source and t not in self.readable}
@@ -278,12 +285,17 @@ class _Recorder:
     """Sums of squared tangents per recorded node (``total``: every node and part, else
     those in ``names``); with ``total``, also Σ_c t_c[…, j]·t_c[…, k] over the tangents of
     every attention's scores whose rows have at most MAX_GRAM_KEYS keys (``grams``: the
-    Gram matrices A_iA_iᵀ of the score rows, (n, …, L, S, S))."""
+    Gram matrices A_iA_iᵀ of the score rows, (n, …, L, S, S)), and of the rows of at most
+    MAX_ROW_GRAM elements of the nodes the compressed stack reads where no row depends on
+    two units of one colour (``row_grams``, (n, …, w, w)): there the sum over the
+    compressed tangents is the row's Gram matrix, since each tangent carries one unit's
+    columns on every row."""
 
     def __init__(self, plan: _Plan, total: bool, names: set[str]) -> None:
         self.plan, self.total, self.names = plan, total, names
         self.sq: dict[str, Tensor] = {}
         self.grams: dict[str, Tensor] = {}
+        self.row_grams: dict[str, Tensor] = {}
 
     def add(self, name: str, node: str, t: Tensor, compressed: bool, c: int,
             us: Tensor | None) -> None:
@@ -293,6 +305,10 @@ class _Recorder:
             if name.endswith(".scores") and not compressed and t.shape[-1] <= MAX_GRAM_KEYS:
                 gram = torch.einsum("t...j,t...k->...jk", t, t)
                 self.grams[name] = self.grams[name] + gram if name in self.grams else gram
+            elif compressed and name in plan.row_free and t.shape[-1] <= MAX_ROW_GRAM:
+                gram = torch.einsum("t...j,t...k->...jk", t, t)
+                old = self.row_grams.get(name)
+                self.row_grams[name] = gram if old is None else old + gram
         elif compressed:
             s = _square_sum(t, plan.colours)[plan.colour] * plan.deps[node]
         else:
