@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lipcert.bounds import Propagator
 from lipcert.bounds.backward import Box, MarginCertifier, jacobian, margin_radii, symbolic
 from lipcert.bounds.backward.evaluation import SDPA, attention_parts_exact
+from lipcert.bounds.backward.forward import Intervals
 from lipcert.bounds.backward.jacobian import ForwardJacobians
 from lipcert.bounds.backward.margins import SPAN
 from lipcert.bounds.backward.rules import attention
@@ -755,31 +756,37 @@ def test_jacobian_norms_match_autograd(models: dict[str, nn.Module],
                                         vals[k].shape[-1]))
 
 
+def _row_jacobians(iv: Intervals, name: str, width: int, x: Tensor) -> Tensor:
+    """(n, rows, width, input): each sample's Jacobian of node ``name``'s rows of ``width``
+    entries by reverse-mode autograd (float64)."""
+    graph, consts, inp = iv.graph, iv.consts, iv.prop.input_name
+    x64 = x.double()
+    n = len(x)
+    jac = torch.autograd.functional.jacobian(
+        lambda z: _evaluate_from(graph, consts, inp, z, "", z, name), x64)
+    per = jac.reshape(n, -1, width, n, x64[0].numel())
+    return torch.stack([per[s, :, :, s] for s in range(n)])
+
+
+def _assert_gram(gram: Tensor, rows: Tensor) -> None:
+    exact = (rows @ rows.transpose(-1, -2)).reshape(gram.shape)
+    torch.testing.assert_close(gram, exact, rtol=1e-10, atol=1e-12 * float(exact.abs().max()))
+
+
 def test_score_grams_match_autograd(models: dict[str, nn.Module],
                                     mnist: tuple[Tensor, Tensor]) -> None:
     """The Gram matrices A_iA_iᵀ of every attention score row's Jacobian A_i = ∂s_i/∂x
     (recorded by the input pass for the softmax's quadratic bound) against full Jacobians
     by reverse-mode autograd, for both ViT families."""
     x = mnist[0][:2]
-    n = len(x)
-    x64 = x.double()
     for family in ("standard", "lipschitz"):
         cert = MarginCertifier(export_model(models[family]))
         iv = cert.intervals
         iv.prepare(x)
-        graph, consts, inp = iv.graph, iv.consts, iv.prop.input_name
         grams = iv._grams
-        assert len(grams) == sum(nd.target is SDPA for nd in graph.nodes), family
+        assert len(grams) == sum(nd.target is SDPA for nd in iv.graph.nodes), family
         for name, gram in grams.items():
-            jac = torch.autograd.functional.jacobian(
-                lambda z, name=name, graph=graph, consts=consts, inp=inp: _evaluate_from(
-                    graph, consts, inp, z, "", z, name), x64)
-            keys = gram.shape[-1]
-            per = jac.reshape(n, -1, keys, n, x64[0].numel())
-            rows = torch.stack([per[s, :, :, s] for s in range(n)])  # (n, rows, S, input)
-            exact = (rows @ rows.transpose(-1, -2)).reshape(gram.shape)
-            torch.testing.assert_close(gram, exact, rtol=1e-10,
-                                       atol=1e-12 * float(exact.abs().max()))
+            _assert_gram(gram, _row_jacobians(iv, name, gram.shape[-1], x))
 
 
 def test_row_grams_match_autograd(models: dict[str, nn.Module],
@@ -789,26 +796,16 @@ def test_row_grams_match_autograd(models: dict[str, nn.Module],
     Jacobians by reverse-mode autograd, and the row norms the forward walk takes from them
     at least the exact ‖A_row‖₂ and within 1e-8 of it, for both ViT families."""
     x = mnist[0][:2]
-    n = len(x)
-    x64 = x.double()
     for family in ("standard", "lipschitz"):
         cert = MarginCertifier(export_model(models[family]))
         iv = cert.intervals
         iv.prepare(x)
-        graph, consts, inp = iv.graph, iv.consts, iv.prop.input_name
         assert iv.jacobians is not None
         grams = iv.jacobians.row_grams
         assert {"linear_1", "linear_2", "linear_3"} <= set(grams), (family, sorted(grams))
         for name, gram in grams.items():
-            jac = torch.autograd.functional.jacobian(
-                lambda z, name=name, graph=graph, consts=consts, inp=inp: _evaluate_from(
-                    graph, consts, inp, z, "", z, name), x64)
-            width = gram.shape[-1]
-            per = jac.reshape(n, -1, width, n, x64[0].numel())
-            rows = torch.stack([per[s, :, :, s] for s in range(n)])  # (n, rows, w, input)
-            exact = (rows @ rows.transpose(-1, -2)).reshape(gram.shape)
-            torch.testing.assert_close(gram, exact, rtol=1e-10,
-                                       atol=1e-12 * float(exact.abs().max()))
+            rows = _row_jacobians(iv, name, gram.shape[-1], x)
+            _assert_gram(gram, rows)
             norms = iv._row_norms[name]
             op = torch.linalg.matrix_norm(rows, ord=2).reshape(norms.shape)
             assert bool((norms >= op).all()), name

@@ -15,7 +15,8 @@ enclosure by a factor 3 to 20 per matrix; here each R_k is taken in absolute val
 * Intervals. For the inputs of the non-affine ops ("targets"), Cauchy–Schwarz per row
   (the last dimension) of R_k gives |(M_{y←k}R_k)_e| ≤ Σ_t ‖∂y_e/∂(row t of k)‖₂·‖R_k,t‖₂,
   with ‖R_k,t‖₂ the norm of the elementwise enclosure or, where a rule bounds the row's
-  norm itself (``Box.own_rows``: LayerNorm, from its second derivative), that bound.
+  norm itself (``Box.own_rows``: LayerNorm and token ball from their second derivatives,
+  attention by Cauchy–Schwarz over the keys), that bound.
   The gains ‖∂y_e/∂(row t)‖₂ depend on the centre only (``ForwardJacobians.row_gains``, once per
   batch); the walk intersects each target's remainder with ±Σ (plus its own term), which
   narrows the intervals every later R_k is computed from. An attention's scores and
