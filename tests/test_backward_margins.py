@@ -492,6 +492,14 @@ def _inside(env: dict[str, object], iv: object, x: Tensor) -> None:
                 tol = 1e-10 * (1 + v.abs())
                 assert bool(((v >= b.lo - tol) & (v <= b.hi + tol)).all()), \
                     f"{part} leaves its interval"
+            # the row and matrix deviations from the centre
+            dev = vals[name] - box.value
+            slack = 1e-10 * (1 + float(box.value.abs().max()))
+            if box.rdev is not None and dev.dim() >= 2:
+                assert bool((dev.norm(dim=-1) <= box.rdev + slack).all()), f"{name}: rdev"
+            if box.mdev is not None:
+                assert bool((dev.norm(dim=(-2, -1)) <= box.mdev + slack).all()), \
+                    f"{name}: mdev"
 
 
 @pytest.mark.parametrize("model_name", ["standard", "encoder"])
@@ -794,7 +802,9 @@ def test_row_grams_match_autograd(models: dict[str, nn.Module],
     """The Gram matrices A_rowA_rowᵀ of the rows' Jacobians that the input pass records at
     the nodes its compressed stack reads (before the first token mixing) against full
     Jacobians by reverse-mode autograd, and the row norms the forward walk takes from them
-    at least the exact ‖A_row‖₂ and within 1e-8 of it, for both ViT families."""
+    at least the exact ‖A_row‖₂ and within 1e-8 of it; the matrix norms (``Box.mdev``'s
+    first-order part) at least the norm of each block's whole Jacobian, and equal to it at
+    the first attention's inputs (each key depends on its own patch); both ViT families."""
     x = mnist[0][:2]
     for family in ("standard", "lipschitz"):
         cert = MarginCertifier(export_model(models[family]))
@@ -803,6 +813,9 @@ def test_row_grams_match_autograd(models: dict[str, nn.Module],
         assert iv.jacobians is not None
         grams = iv.jacobians.row_grams
         assert {"linear_1", "linear_2", "linear_3"} <= set(grams), (family, sorted(grams))
+        first = next(nd for nd in iv.graph.nodes if nd.target is SDPA)
+        attention_inputs = {a.name for a in first.all_input_nodes}
+        assert attention_inputs <= set(iv._block_norms), (family, sorted(iv._block_norms))
         for name, gram in grams.items():
             rows = _row_jacobians(iv, name, gram.shape[-1], x)
             _assert_gram(gram, rows)
@@ -810,6 +823,16 @@ def test_row_grams_match_autograd(models: dict[str, nn.Module],
             op = torch.linalg.matrix_norm(rows, ord=2).reshape(norms.shape)
             assert bool((norms >= op).all()), name
             assert bool((norms <= op * (1 + 1e-8) + 1e-8 * float(op.max())).all()), name
+            blocks = iv._block_norms.get(name)
+            if blocks is None:
+                continue
+            # ‖ΔX‖_F over the last two dimensions ≤ r·blocks: blocks ≥ the whole block's
+            # Jacobian norm, and equal to it where the rows depend on disjoint patches
+            per_block = rows.reshape(*blocks.shape, -1, x[0].numel())
+            whole = torch.linalg.matrix_norm(per_block, ord=2)
+            assert bool((blocks >= whole * (1 - 1e-12)).all()), name
+            if name in attention_inputs:
+                assert bool((blocks <= whole * (1 + 1e-8)).all()), name
 
 
 def _upper_and_close(value: Tensor, exact: Tensor) -> None:

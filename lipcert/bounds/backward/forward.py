@@ -22,6 +22,13 @@ input pass records at the nodes its compressed stack reads (``jacobian.py``; bef
 first token mixing, the rows of at most 64 elements); eigvalsh in float64 is raised by
 10⁻⁹ of itself and 10⁻¹⁰ of the trace, which covers its backward error and the Gram
 matrix's rounding (both below 10⁻¹² of the trace).
+
+Matrix deviations (``Box.mdev``, per sample and leading index of a node of at least three
+dimensions: ‖ΔX‖_F over its last two, e.g. one attention head's keys): with U(t) the input
+coordinates row t depends on, ‖A·δ‖_F² = Σ_t ‖A_t·δ_{U(t)}‖² ≤ Σ_c δ_c²·Σ_{t: c ∈ U(t)} ‖A_t‖₂²
+≤ r²·max_c Σ_{t ∋ c} ‖A_t‖₂², so ‖ΔX‖_F ≤ r·√(max_c Σ_{t ∋ c} ‖A_t‖₂²) + ‖e‖_F. Before the
+first token mixing each row depends on one patch or token, and the bound is the largest
+row's, not the rows' √Σ: attention's own-term row bounds take it for ‖ΔK‖_F and ‖ΔV‖_F.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from lipcert.bounds.backward.jacobian import ForwardJacobians
 from lipcert.bounds.backward.registry import FwdCtx, lookup_backward, lookup_forward
 from lipcert.bounds.backward.rules.shape import CONSTANT_OPS
 from lipcert.bounds.backward.symbolic import SymbolicRemainders
-from lipcert.bounds.state import F64, Domain
+from lipcert.bounds.state import F64, Domain, gamma
 from lipcert.errors import LipcertError
 
 REL = 1e-13
@@ -58,13 +65,16 @@ def _constant(t: Tensor) -> Tensor:
     return t.to(F64) if t.is_floating_point() else t
 
 
-def _finish(out: Any, lin: Tensor | None, lin_rows: Tensor | None = None) -> Any:
+def _finish(out: Any, lin: Tensor | None, lin_rows: Tensor | None = None,
+            lin_blocks: Tensor | None = None) -> Any:
     """Pad, combine the enclosures and hold the centre. With the first-order part
     ``lin`` = r·‖A_e‖ of the Taylor model x = x₀ + Aδ + e, x ∈ x₀ ± lin + [e_lo, e_hi],
     and conversely e ∈ [lo − x₀ − lin, hi − x₀ + lin]. The row deviation is at most the box's
     row norm, the sample's l2 and, with ``lin_rows`` = r·‖A_row‖₂, lin_rows + ‖e_row‖ (module
     docstring); every element moves at most its row's deviation. The own remainder's row
-    bound grows by the row norm of the padding."""
+    bound grows by the row norm of the padding. With ``lin_blocks``, the first-order part's
+    bound of ‖ΔX‖_F over the last two dimensions, the matrix deviation is lin_blocks + ‖e‖_F
+    or the rows' √Σ rdev², the smaller."""
     if isinstance(out, list | tuple):
         return type(out)(_finish(o, None) for o in out)
     if not isinstance(out, Box):
@@ -93,11 +103,15 @@ def _finish(out: Any, lin: Tensor | None, lin_rows: Tensor | None = None) -> Any
     if lin_rows is not None and e_lo is not None and e_hi is not None:
         e_rows = row_norm(torch.maximum(e_lo.abs(), e_hi.abs()))
         rdev = torch.minimum(rdev, (lin_rows + e_rows) * (1 + 4 * 2.0**-53))
+    mdev = None
+    if lin_blocks is not None and e_lo is not None and e_hi is not None and v.dim() >= 3:
+        e_mat = row_norm(row_norm(torch.maximum(e_lo.abs(), e_hi.abs())))
+        mdev = torch.minimum(row_norm(rdev), (lin_blocks + e_mat) * (1 + 4 * 2.0**-53))
     move = rdev.unsqueeze(-1) + pad
     lo = torch.maximum(lo, v - move)
     hi = torch.minimum(hi, v + move)
     return Box(v, lo, hi, out.l2, rdev, e_lo, e_hi, out.aux, own_lo, own_hi, out.dot,
-               own_rows)
+               own_rows, mdev)
 
 
 def input_box(domain: Domain, center: Tensor, radius: Tensor) -> Box:
@@ -133,6 +147,7 @@ class Intervals:
         self._norms: dict[str, Tensor] = {}
         self._grams: dict[str, Tensor] = {}
         self._row_norms: dict[str, Tensor] = {}
+        self._block_norms: dict[str, Tensor] = {}
         self._memo: dict[str, Any] = {}
         self._sids: dict[str, Tensor | None] = {}
         self.jacobians: ForwardJacobians | None = None
@@ -166,6 +181,9 @@ class Intervals:
                        if self.batch_major(name)}
         self._row_norms = {name: _largest_singular(g) for name, g in
                            self.jacobians.row_grams.items() if self.batch_major(name)}
+        self._block_norms = {name: _matrix_norms(self._row_norms[name], units) for name, units
+                             in self.jacobians.row_units.items()
+                             if name in self._row_norms and units.dim() >= 3}
         self._memo = {}
 
     def batch_major(self, name: str) -> bool:
@@ -227,6 +245,16 @@ class Intervals:
         r = radius.reshape(-1, *([1] * (norms.dim() - 1)))
         return norms * r * (1 + 4 * 2.0**-53)
 
+    def first_order_blocks(self, name: str, radius: Tensor, shape: torch.Size
+                           ) -> Tensor | None:
+        """The first-order part's bound of ‖ΔX‖_F over the last two dimensions of a node
+        (module docstring), else None."""
+        norms = self._block_norms.get(name)
+        if norms is None or norms.shape != shape[:-2]:
+            return None
+        r = radius.reshape(-1, *([1] * (norms.dim() - 1)))
+        return norms * r * (1 + 4 * 2.0**-53)
+
     def __call__(self, center: Tensor, radius: Tensor) -> dict[str, Any]:
         if self.taylor:
             self.prepare(center)
@@ -252,6 +280,7 @@ class Intervals:
             return forward_node(ctx, node, env, None)
         return forward_node(ctx, node, env, lambda name, shape: self.first_order(
             name, radius, shape), tighten, lambda name, shape: self.first_order_rows(
+            name, radius, shape), lambda name, shape: self.first_order_blocks(
             name, radius, shape))
 
 
@@ -261,13 +290,15 @@ Tighten = Callable[[str, Any], Any]
 
 def forward_node(ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
                  first_order: FirstOrder | None, tighten: Tighten | None = None,
-                 first_order_rows: FirstOrder | None = None) -> Any:
+                 first_order_rows: FirstOrder | None = None,
+                 first_order_blocks: FirstOrder | None = None) -> Any:
     """The forward value of one call node from ``env``: constant folding, or its forward rule
     and :func:`_finish`. ``first_order(name, shape)``: r·‖A_e‖ per element of a node (or of
     an attention's ``<name>.scores`` / ``<name>.probs``), or None without Taylor models;
-    ``first_order_rows(name, shape)``: r·‖A_row‖₂ per row, or None; ``tighten(name, box)``:
-    a sharper remainder (symbolic remainders), applied before :func:`_finish` intersects the
-    interval with the Taylor model."""
+    ``first_order_rows(name, shape)``: r·‖A_row‖₂ per row, or None;
+    ``first_order_blocks(name, shape)``: the first-order bound of ‖ΔX‖_F over the last two
+    dimensions, or None; ``tighten(name, box)``: a sharper remainder (symbolic remainders),
+    applied before :func:`_finish` intersects the interval with the Taylor model."""
     if is_runtime_check(node.target):
         return None
     args = map_arg(node.args, lambda a: env[a.name])
@@ -293,12 +324,14 @@ def forward_node(ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
     out = fn(ctx, *args, **kwargs)
     if tighten is not None:
         out = tighten(node.name, out)
-    lin = lin_rows = None
+    lin = lin_rows = lin_blocks = None
     if isinstance(out, Box) and first_order is not None:
         lin = first_order(node.name, out.shape)
     if isinstance(out, Box) and first_order_rows is not None:
         lin_rows = first_order_rows(node.name, out.shape)
-    return _finish(out, lin, lin_rows)
+    if isinstance(out, Box) and first_order_blocks is not None:
+        lin_blocks = first_order_blocks(node.name, out.shape)
+    return _finish(out, lin, lin_rows, lin_blocks)
 
 
 def _largest_singular(gram: Tensor) -> Tensor:
@@ -306,6 +339,16 @@ def _largest_singular(gram: Tensor) -> Tensor:
     top = torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0)
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
     return (top * (1 + 1e-9) + 1e-10 * trace).sqrt() * (1 + 4 * 2.0**-53) + 1e-300
+
+
+def _matrix_norms(rows: Tensor, units: Tensor) -> Tensor:
+    """(n, …): √(max_c Σ_{t ∋ c} ‖A_t‖²) over the last dimension t of the row norms
+    ``rows`` (n, …, T) (module docstring), ``units`` (coordinates, …, T) whether row t
+    depends on input coordinate c; rounded up."""
+    sq = rows.square()
+    per = torch.einsum("c...t,n...t->cn...", units.to(sq.dtype), sq)
+    top = per.amax(0) * (1 + gamma(rows.shape[-1] + 2))
+    return top.sqrt() * (1 + 4 * 2.0**-53)
 
 
 SHAPE_QUERIES = {torch.ops.aten.sym_size, torch.ops.aten.sym_numel, torch.ops.aten.sym_stride,

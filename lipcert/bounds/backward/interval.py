@@ -108,6 +108,7 @@ class Box:
     own_hi: Tensor | None = None  # own_hi] (None: affine op, or not tracked)
     dot: GroupDot | None = None  # ⟨u₀, x − x₀⟩ per group, for a normalisation reading x
     own_rows: Tensor | None = None  # shape[:-1]: bound of the own remainder's ‖row‖₂
+    mdev: Tensor | None = None  # shape[:-2]: bound of ‖x − x₀‖_F over the last two dims
 
     @property
     def shape(self) -> torch.Size:

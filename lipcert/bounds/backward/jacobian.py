@@ -72,14 +72,17 @@ class ForwardJacobians:
         self.coeffs: dict[Any, Any] = {}
         self.score_grams: dict[str, Tensor] = {}
         self.row_grams: dict[str, Tensor] = {}
+        self.row_units: dict[str, Tensor] = {}
 
     def input_norms(self) -> dict[str, Tensor]:
         """``{node: ‖∂y_e/∂x‖₂ per element}`` for the input and every node depending on it,
         attention nodes' scores and probabilities included; also sets
-        :attr:`score_grams` and :attr:`row_grams`."""
+        :attr:`score_grams`, :attr:`row_grams` and :attr:`row_units` (the input
+        coordinates each of those rows depends on, (input size, …))."""
         names = {nd.name for nd in self.nodes if nd.op == "call_function"}
         rec = self._pass(self.input_name, 1, names | {self.input_name}, total=True)
         self.score_grams, self.row_grams = rec.grams, rec.row_grams
+        self.row_units = rec.row_units
         return {name: _rounded_up(s.sqrt()) for name, s in rec.sq.items()}
 
     def row_gains(self, source: str, targets: set[str]) -> dict[str, Tensor]:
@@ -289,13 +292,15 @@ class _Recorder:
     MAX_ROW_GRAM elements of the nodes the compressed stack reads where no row depends on
     two units of one colour (``row_grams``, (n, …, w, w)): there the sum over the
     compressed tangents is the row's Gram matrix, since each tangent carries one unit's
-    columns on every row."""
+    columns on every row; ``row_units``: which units each of those rows depends on
+    (units, …)."""
 
     def __init__(self, plan: _Plan, total: bool, names: set[str]) -> None:
         self.plan, self.total, self.names = plan, total, names
         self.sq: dict[str, Tensor] = {}
         self.grams: dict[str, Tensor] = {}
         self.row_grams: dict[str, Tensor] = {}
+        self.row_units: dict[str, Tensor] = {}
 
     def add(self, name: str, node: str, t: Tensor, compressed: bool, c: int,
             us: Tensor | None) -> None:
@@ -309,6 +314,7 @@ class _Recorder:
                 gram = torch.einsum("t...j,t...k->...jk", t, t)
                 old = self.row_grams.get(name)
                 self.row_grams[name] = gram if old is None else old + gram
+                self.row_units[name] = plan.deps[node].any(-1)[:, 0]
         elif compressed:
             s = _square_sum(t, plan.colours)[plan.colour] * plan.deps[node]
         else:

@@ -678,14 +678,17 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
 
 def _frobenius(x: Any, heads: torch.Size) -> Tensor:
     """A bound of ‖ΔX‖_F per sample and head (shape ``heads``, the leading dimensions of X
-    without its last two): the sample's ℓ2 deviation (``Box.l2``) where smaller than the
-    rows' √Σ‖Δx_j‖²; 0 for a constant."""
+    without its last two): the smallest of the rows' √Σ‖Δx_j‖², the sample's ℓ2 deviation
+    (``Box.l2``) and the matrix deviation from the Taylor model (``Box.mdev``,
+    ``forward.py``); 0 for a constant."""
     if not isinstance(x, Box):
         return torch.zeros(heads, dtype=F64)
     rows = x.row_dev()
     by_rows = rows.square().sum(-1).sqrt() * (1 + gamma(rows.shape[-1] + 2))
     if x.l2 is not None:
         by_rows = torch.minimum(by_rows, x.l2.reshape(-1, *([1] * (by_rows.dim() - 1))))
+    if x.mdev is not None and x.mdev.shape == by_rows.shape:
+        by_rows = torch.minimum(by_rows, x.mdev)
     return by_rows.expand(heads)
 
 
