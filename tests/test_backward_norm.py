@@ -151,7 +151,7 @@ def _into(dx: Tensor, rho: Tensor, ball: Tensor) -> Tensor:
 @pytest.mark.parametrize("centred", [True, False])
 def test_row_remainder_holds_and_is_reached(centred: bool) -> None:
     """The LayerNorm / RMSNorm rule's bound of its own remainder's row norm
-    (``Box.own_rows``, :func:`row_remainder`) holds at random points of the set and at
+    (``Box.own_rows``, from :func:`_norm_remainder`) holds at random points of the set and at
     points pushed by projected gradient ascent on ‖R‖ (R = y − y₀ − J₀Δx, J₀ by
     forward-mode AD), and so do the elementwise bounds it narrows; where the set is small
     against the centre and ε small against the variance, the pushed points reach 0.95 of

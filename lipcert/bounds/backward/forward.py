@@ -236,24 +236,18 @@ class Intervals:
         return norms * r * (1 + 4 * 2.0**-53)
 
     def first_order_rows(self, name: str, radius: Tensor, shape: torch.Size
-                         ) -> Tensor | None:
-        """r·‖A_row‖₂ per row of a batch-major node whose rows' Gram matrices the input
-        pass recorded (module docstring), else None."""
-        norms = self._row_norms.get(name)
-        if norms is None or norms.shape != shape[:-1]:
-            return None
-        r = radius.reshape(-1, *([1] * (norms.dim() - 1)))
-        return norms * r * (1 + 4 * 2.0**-53)
+                         ) -> tuple[Tensor | None, Tensor | None]:
+        """For a batch-major node whose rows' Gram matrices the input pass recorded (module
+        docstring): r·‖A_row‖₂ per row and the first-order bound of ‖ΔX‖_F over the last
+        two dimensions; each None where not known."""
 
-    def first_order_blocks(self, name: str, radius: Tensor, shape: torch.Size
-                           ) -> Tensor | None:
-        """The first-order part's bound of ‖ΔX‖_F over the last two dimensions of a node
-        (module docstring), else None."""
-        norms = self._block_norms.get(name)
-        if norms is None or norms.shape != shape[:-2]:
-            return None
-        r = radius.reshape(-1, *([1] * (norms.dim() - 1)))
-        return norms * r * (1 + 4 * 2.0**-53)
+        def scaled(norms: Tensor | None, lead: torch.Size) -> Tensor | None:
+            if norms is None or norms.shape != lead:
+                return None
+            return norms * radius.reshape(-1, *([1] * (norms.dim() - 1))) * (1 + 4 * 2.0**-53)
+
+        return (scaled(self._row_norms.get(name), shape[:-1]),
+                scaled(self._block_norms.get(name), shape[:-2]))
 
     def __call__(self, center: Tensor, radius: Tensor) -> dict[str, Any]:
         if self.taylor:
@@ -280,25 +274,24 @@ class Intervals:
             return forward_node(ctx, node, env, None)
         return forward_node(ctx, node, env, lambda name, shape: self.first_order(
             name, radius, shape), tighten, lambda name, shape: self.first_order_rows(
-            name, radius, shape), lambda name, shape: self.first_order_blocks(
             name, radius, shape))
 
 
 FirstOrder = Callable[[str, torch.Size], Tensor | None]
+FirstOrderRows = Callable[[str, torch.Size], tuple[Tensor | None, Tensor | None]]
 Tighten = Callable[[str, Any], Any]
 
 
 def forward_node(ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
                  first_order: FirstOrder | None, tighten: Tighten | None = None,
-                 first_order_rows: FirstOrder | None = None,
-                 first_order_blocks: FirstOrder | None = None) -> Any:
+                 first_order_rows: FirstOrderRows | None = None) -> Any:
     """The forward value of one call node from ``env``: constant folding, or its forward rule
     and :func:`_finish`. ``first_order(name, shape)``: r·‖A_e‖ per element of a node (or of
     an attention's ``<name>.scores`` / ``<name>.probs``), or None without Taylor models;
-    ``first_order_rows(name, shape)``: r·‖A_row‖₂ per row, or None;
-    ``first_order_blocks(name, shape)``: the first-order bound of ‖ΔX‖_F over the last two
-    dimensions, or None; ``tighten(name, box)``: a sharper remainder (symbolic remainders),
-    applied before :func:`_finish` intersects the interval with the Taylor model."""
+    ``first_order_rows(name, shape)``: r·‖A_row‖₂ per row and the first-order bound of
+    ‖ΔX‖_F over the last two dimensions (each or None); ``tighten(name, box)``: a sharper
+    remainder (symbolic remainders), applied before :func:`_finish` intersects the interval
+    with the Taylor model."""
     if is_runtime_check(node.target):
         return None
     args = map_arg(node.args, lambda a: env[a.name])
@@ -328,9 +321,7 @@ def forward_node(ctx: FwdCtx, node: torch.fx.Node, env: dict[str, Any],
     if isinstance(out, Box) and first_order is not None:
         lin = first_order(node.name, out.shape)
     if isinstance(out, Box) and first_order_rows is not None:
-        lin_rows = first_order_rows(node.name, out.shape)
-    if isinstance(out, Box) and first_order_blocks is not None:
-        lin_blocks = first_order_blocks(node.name, out.shape)
+        lin_rows, lin_blocks = first_order_rows(node.name, out.shape)
     return _finish(out, lin, lin_rows, lin_blocks)
 
 

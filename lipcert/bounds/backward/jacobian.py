@@ -236,8 +236,9 @@ class _Plan:
                                                          for p in PARTS)))
             and _fits(self.deps[nd.name], jac.vals[nd.name], n) and jac.batch_major(nd.name)
             and conflict_free(self.deps[nd.name], self.colour, self.colours)}
-        # readable nodes none of whose rows depends on two units of one colour
-        self.row_free = {name for name in self.readable if self.deps[name].dim() >= 3
+        # readable nodes none of whose rows depends on two units of one colour (the input
+        # pass records their rows' Gram matrices)
+        self.row_free = {name for name in self.readable if total and self.deps[name].dim() >= 3
                          and conflict_free(self.deps[name].any(-1), self.colour, self.colours)}
         reach = {source} | {nd.name for nd in chain}
         inputs = {nd.name: {a.name for a in nd.all_input_nodes} & reach for nd in chain}
@@ -314,7 +315,8 @@ class _Recorder:
                 gram = torch.einsum("t...j,t...k->...jk", t, t)
                 old = self.row_grams.get(name)
                 self.row_grams[name] = gram if old is None else old + gram
-                self.row_units[name] = plan.deps[node].any(-1)[:, 0]
+                if old is None:
+                    self.row_units[name] = plan.deps[node].any(-1)[:, 0]
         elif compressed:
             s = _square_sum(t, plan.colours)[plan.colour] * plan.deps[node]
         else:

@@ -687,7 +687,7 @@ def _frobenius(x: Any, heads: torch.Size) -> Tensor:
     by_rows = rows.square().sum(-1).sqrt() * (1 + gamma(rows.shape[-1] + 2))
     if x.l2 is not None:
         by_rows = torch.minimum(by_rows, x.l2.reshape(-1, *([1] * (by_rows.dim() - 1))))
-    if x.mdev is not None and x.mdev.shape == by_rows.shape:
+    if x.mdev is not None:
         by_rows = torch.minimum(by_rows, x.mdev)
     return by_rows.expand(heads)
 
@@ -702,8 +702,8 @@ def _own_rows(parts: AttentionParts, q: Any, k: Any, v: Any, v0: Tensor, y0: Ten
     * ‖(ΔP·ΔV)_i‖ ≤ Σ_j |ΔP_ij|·‖ΔV_j‖ ≤ ‖ΔP_i‖₂·‖ΔV‖_F;
     * ‖(R_soft·V₀)_i‖: the norm of its elementwise enclosure ``soft``.
 
-    Cauchy–Schwarz over the keys with ‖ΔK‖_F, ‖ΔV‖_F (per sample and head, from the
-    sample's ℓ2 deviation) keeps the keys from all deviating at their worst at once, which
+    Cauchy–Schwarz over the keys with ‖ΔK‖_F, ‖ΔV‖_F (per sample and head,
+    :func:`_frobenius`) keeps the keys from all deviating at their worst at once, which
     the elementwise products allow: before the first token mixing each key depends on its
     own patch or token only, so ‖ΔK‖_F is about the largest ‖ΔK_j‖, not their sum."""
     heads = y0.shape[:-2]

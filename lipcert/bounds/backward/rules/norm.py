@@ -35,7 +35,7 @@ K(0) = K′(0) = 0 (:func:`inverse_std_change`). Exact ranges over the ranges of
 where the cruder bounds ‖∇g‖ ≤ 1/(√d·s²) and |ΔuᵀΔ²gΔu| ≤ 4‖Δu‖²/(d·s³) use the worst
 direction of Δu; |a| ≤ A is usually far below ‖u₀‖·D/d.
 
-Remainder per row, in ℓ2 (:func:`row_remainder`): ẑ = √d·φ(u) with φ(u) = u/ψ(u),
+Remainder per row, in ℓ2 (:func:`_norm_remainder`): ẑ = √d·φ(u) with φ(u) = u/ψ(u),
 ψ = √(‖u‖² + dε) = √d·s. For a unit h, with v = u/ψ (‖v‖ ≤ 1) and α = ⟨v, h⟩,
 
     D²φ(u)[h, h] = (−2αh + (3α² − 1)v)/ψ²,
@@ -318,33 +318,24 @@ def norm_forward(x: Box, k: int, weight: Any, bias: Any, eps: float, centred: bo
     if x.l2 is not None and x.dim() > k:
         l2 = x.l2 * gmax / s_lo.reshape(x.shape[0], -1).amin(1) * (1 + 1e-15)
     if x.has_e:
-        (e_lo, e_hi), own = _norm_remainder(x, d, centred, s_lo, s_hi, s0, z0, zc, zr, g)
+        (e_lo, e_hi), own, groups = _norm_remainder(x, d, centred, s_lo, s_hi, s0, z0, zc,
+                                                    zr, g)
         slack = gamma(d + 8) * (value.abs() + 1).reshape(-1, d) * (1 + g.abs())
         e_lo = (e_lo - slack).reshape(x.shape)
         e_hi = (e_hi + slack).reshape(x.shape)
-        if k == 1 and x.dim() >= 1:
-            rows = row_remainder(x, d, s_lo, g)
-            own = torch.minimum(own, rows)
-            own_rows = (rows.squeeze(-1) + row_norm(slack)).reshape(x.shape[:-1])
+        if k == 1 and x.dim() >= 1:  # a group is a row
+            own = torch.minimum(own, groups)
+            own_rows = (groups.squeeze(-1) + row_norm(slack)).reshape(x.shape[:-1])
         own_lo, own_hi = (-own - slack).reshape(x.shape), (own + slack).reshape(x.shape)
     return Box(value, lo, hi, l2, rdev, e_lo, e_hi, None, own_lo, own_hi, own_rows=own_rows)
 
 
-def row_remainder(x: Box, d: int, s_lo: Tensor, g: Tensor) -> Tensor:
-    """(rows, 1): a bound of ‖γ ⊙ R‖₂ per row (module docstring, "Remainder per row"),
-    max|γ|·D²/(√(3d)·s_lo²) with D the row's deviation bound, rounded up."""
-    big_d = torch.minimum(torch.linalg.vector_norm(x.deviation().reshape(-1, d), dim=-1),
-                          x.row_dev().reshape(-1)) * (1 + gamma(d + 2))
-    gmax = float(g.abs().max())
-    bound = gmax * big_d.square().unsqueeze(-1) / (math.sqrt(3 * d) * s_lo.square())
-    return bound * (1 + gamma(8)) + TINY
-
-
 def _norm_remainder(x: Box, d: int, centred: bool, s_lo: Tensor, s_hi: Tensor, s0: Tensor,
                     z0: Tensor, zc: Tensor, zr: Tensor, g: Tensor
-                    ) -> tuple[tuple[Tensor, Tensor], Tensor]:
-    """γ ⊙ (J₀e_x + R) as an interval (see :func:`norm_forward`), shape (rows, d), and the
-    bound of the op's own remainder |γ ⊙ R|."""
+                    ) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor]:
+    """γ ⊙ (J₀e_x + R) as an interval (see :func:`norm_forward`), shape (groups, d), the
+    bound of the op's own remainder |γ ⊙ R|, and (groups, 1) the bound of ‖γ ⊙ R‖₂ per
+    group, max|γ|·D²/(√(3d)·s_lo²) (module docstring, "Remainder per row")."""
     ec, er = x.e_mid_rad()
     ec, er = ec.reshape(-1, d), er.reshape(-1, d)
     inv0 = 1.0 / s0
@@ -377,7 +368,8 @@ def _norm_remainder(x: Box, d: int, centred: bool, s_lo: Tensor, s_hi: Tensor, s
     rad = (j_r + r) * g.abs()
     rad = rad + gamma(d + 8) * (c.abs() + rad)
     own = r * g.abs() * (1 + gamma(2))
-    return (c - rad, c + rad), own
+    groups = float(g.abs().max()) * big_d.square() / (math.sqrt(3 * d) * s_min2)
+    return (c - rad, c + rad), own, groups * (1 + gamma(8)) + TINY
 
 
 @forward_rule(aten.layer_norm)
