@@ -24,13 +24,16 @@ from lipcert.bounds.backward import Box
 from lipcert.bounds.backward.registry import FwdCtx
 from lipcert.bounds.backward.rules.attention import (
     AttentionParts,
+    _expansion_rest,
     _score_remainder,
+    _score_row,
     _soft_times,
     _through_softmax,
     attention_parts,
     score_forms,
     sdpa_forward,
     softmax_box,
+    softmax_cubic,
     softmax_own,
     softmax_own_quadratic,
     softmax_own_times,
@@ -453,3 +456,150 @@ def test_attention_own_row_bound_holds_and_is_reached() -> None:
         if kind:
             reached[kind].append(float((best / out.own_rows).max()))
     assert max(reached["scores"]) >= 0.95 and max(reached["probs"]) >= 0.95, reached
+
+
+RowBound = Callable[..., Tensor]
+
+
+def _third_order_reach(seed: int, bound_of: RowBound, value_of: RowBound) -> list[float]:
+    """For 200 random cases of score rows Δ = Aδ + e (random Jacobians A of a
+    40-dimensional input, ‖δ‖ ≤ 1, e in a random box; some rows masked causally) large
+    enough for the third order to matter: asserts |value| ≤ bound at random points and at
+    points pushed up or down by projected gradient steps, and returns the largest share
+    of the bound reached per case. ``bound_of(row, p0, w, forms, radius, c_bar)``;
+    ``value_of(s0, p0, keep, ds, v0, w)``, both per query row and value column."""
+    g = torch.Generator().manual_seed(seed)
+    reached = []
+    for case in range(200):
+        s0, _, keep = _score_rows(g, case, 2, (0.1, 3.0), (0, 0))
+        rows, S, m, E = s0.shape[1], s0.shape[-1], 40, 3
+        a = torch.randn(1, rows, S, m, generator=g, dtype=F64)
+        a = a / a.norm(dim=-1).amax() * float(10 ** torch.empty(()).uniform_(-1, 0.5,
+                                                                           generator=g))
+        r = 1.0
+        e_size = 0.0 if case % 2 else float(10 ** torch.empty(()).uniform_(-3, -0.5,
+                                                                          generator=g))
+        e_lo = -torch.rand(s0.shape, generator=g, dtype=F64) * e_size
+        e_hi = torch.rand(s0.shape, generator=g, dtype=F64) * e_size
+        v0 = torch.randn(1, S, E, generator=g, dtype=F64)
+        first = r * a.norm(dim=-1)
+        d_lo, d_hi = e_lo - first, e_hi + first
+        p0, p_lo, p_hi = softmax_box(s0, s0 + d_lo, s0 + d_hi, keep)
+        forms = score_forms(a @ a.transpose(-1, -2), p0, v0)
+        assert forms is not None
+        radius = torch.tensor(r, dtype=F64)
+        row = _score_row(p0, p_lo, p_hi, d_lo, d_hi, e_lo, e_hi, forms, radius)
+        c_bar = p0 @ v0
+        w = v0.unsqueeze(-3) - c_bar.unsqueeze(-2)
+        bound = bound_of(row, p0, w, forms, radius, c_bar)
+
+        def value(delta: Tensor, e: Tensor, s0: Tensor = s0, p0: Tensor = p0,
+                  keep: Tensor = keep, a: Tensor = a, v0: Tensor = v0, w: Tensor = w
+                  ) -> Tensor:
+            ds = torch.where(keep, (a @ delta.reshape(1, 1, -1, 1)).squeeze(-1) + e, 0.0)
+            return value_of(s0, p0, keep, ds, v0, w)
+
+        points = [(_ball_point(g, torch.Size((m,)), r),
+                   e_lo + torch.rand(s0.shape, generator=g, dtype=F64) * (e_hi - e_lo))
+                  for _ in range(10)]
+        for i in range(rows):
+            for d in range(E):
+                for sign in (1.0, -1.0):
+                    delta = _ball_point(g, torch.Size((m,)), r)
+                    e = (e_lo + e_hi) / 2
+                    for _ in range(40):
+                        delta.requires_grad_(True)
+                        e.requires_grad_(True)
+                        step_d, step_e = torch.autograd.grad(
+                            sign * value(delta, e)[0, i, d], [delta, e])
+                        delta = delta.detach() + 0.2 * r * step_d / step_d.norm().clamp(
+                            min=1e-300)
+                        delta = delta * torch.clamp(r / delta.norm().clamp(min=1e-300),
+                                                    max=1.0)
+                        e = torch.where(step_e > 0, e_hi, e_lo)
+                    points.append((delta.detach(), e.detach()))
+        best = torch.zeros_like(bound)
+        for delta, e in points:
+            y = value(delta, e).abs()
+            assert bool((y <= bound + 1e-15 * (1 + v0.abs().amax())).all()), f"case {case}"
+            best = torch.maximum(best, y)
+        reached.append(float((best / bound)[bound > 1e-30].max()))
+    return reached
+
+
+def _second_order_at_centre(p0: Tensor, ds: Tensor, w: Tensor) -> Tensor:
+    """T₁ = Σ_j p⁰_j w_j (Δ_j − ⟨p⁰, Δ⟩)² per value column."""
+    x = ds - (p0 * ds).sum(-1, keepdim=True)
+    return torch.einsum("...s,...se->...e", p0 * x * x, w)
+
+
+def test_softmax_cubic_term_holds_and_is_reached() -> None:
+    """``softmax_cubic``: R·c − ½T₁ (R softmax's own remainder, c a value column, T₁ the
+    exact second order at the centre) stays within the bound (``_third_order_reach``).
+    The searched points reach 0.06 of it in the median case and 0.74 at best, so a bound
+    0.7 of its size fails."""
+    def value(s0: Tensor, p0: Tensor, keep: Tensor, ds: Tensor, v0: Tensor, w: Tensor
+              ) -> Tensor:
+        return _softmax_own(s0, p0, keep, ds) @ v0 - _second_order_at_centre(p0, ds, w) / 2
+
+    reached = torch.tensor(_third_order_reach(
+        12, lambda row, p0, w, forms, r, c_bar: softmax_cubic(row, p0, w, forms, r), value))
+    assert float(reached.median()) >= 0.04 and float(reached.max()) >= 0.7, reached
+
+
+def test_expansion_rest_holds_and_is_reached() -> None:
+    """``_expansion_rest``: φ″ − T₁ at the reached point itself (the end of the segment,
+    φ″ = Σ_j p_j(c_j − ⟨p, c⟩)(Δ_j − ⟨p, Δ⟩)² with p = softmax(s₀ + Δ)) stays within the
+    bound (``_third_order_reach``). The searched points reach 0.07 of it in the median case
+    and 0.49 at best, so a bound 0.45 of its size fails."""
+    def value(s0: Tensor, p0: Tensor, keep: Tensor, ds: Tensor, v0: Tensor, w: Tensor
+              ) -> Tensor:
+        p = torch.softmax((s0 + ds).masked_fill(~keep, -math.inf), -1)
+        x = ds - (p * ds).sum(-1, keepdim=True)
+        c = v0.unsqueeze(-3) - (p @ v0).unsqueeze(-2)
+        return (torch.einsum("...s,...se->...e", p * x * x, c)
+                - _second_order_at_centre(p0, ds, w))
+
+    reached = torch.tensor(_third_order_reach(
+        14, lambda row, p0, w, forms, r, c_bar: _expansion_rest(
+            row, w, p0.unsqueeze(-1) * w, c_bar, forms, r), value))
+    assert float(reached.median()) >= 0.05 and float(reached.max()) >= 0.45, reached
+
+
+def test_score_forms_match_their_definitions() -> None:
+    """``score_forms`` on random score rows (some masked causally): ‖B‖₂ and
+    ‖√p⁰ ⊙ B‖₂ (B = CA, C = I − 1p⁰ᵀ), ‖BᵀW_d‖ per value column, ‖b_j‖ per key and λ^±
+    (λ_max(BᵀW^±B)) are each at least the exact value (singular values and eigenvalues
+    of the explicit matrices) and within 1e-6 of it relative to ‖A‖²; a bound from
+    G = AAᵀ in place of K = CGCᵀ fails here."""
+    g = torch.Generator().manual_seed(13)
+    for case in range(200):
+        s0, _, keep = _score_rows(g, case, 3, (0.1, 3.0), (0, 0))
+        rows, S, m, E = s0.shape[1], s0.shape[-1], 12, 4
+        a = torch.randn(1, rows, S, m, generator=g, dtype=F64) * float(
+            10 ** torch.empty(()).uniform_(-2, 2, generator=g))
+        p0 = torch.softmax(s0.masked_fill(~keep, -math.inf), -1)
+        v0 = torch.randn(1, S, E, generator=g, dtype=F64)
+        forms = score_forms(a @ a.transpose(-1, -2), p0, v0)
+        assert forms is not None
+        centre = torch.eye(S, dtype=F64) - p0.unsqueeze(-1).transpose(-1, -2)  # (1, L, S, S)
+        b = centre @ a
+        weights = p0.unsqueeze(-1) * (v0.unsqueeze(-3) - (p0 @ v0).unsqueeze(-2))
+        scale = float(a.square().sum(-1).amax()) + 1e-300
+        exact = {
+            "b_top": torch.linalg.matrix_norm(b, ord=2).unsqueeze(-1),
+            "pb_top": torch.linalg.matrix_norm(p0.sqrt().unsqueeze(-1) * b, ord=2).unsqueeze(-1),
+            "bw_norm": (b.transpose(-1, -2) @ weights).norm(dim=-2),
+            "b_norm": b.norm(dim=-1),
+        }
+        for name, value in exact.items():
+            got = getattr(forms, name)
+            assert bool((got >= value).all()), (case, name)
+            assert bool((got.square() - value.square() <= 1e-6 * scale).all()), (case, name)
+        for sign, name in ((1.0, "lam_pos"), (-1.0, "lam_neg")):
+            wd = (sign * weights).clamp(min=0).movedim(-1, -3)  # (1, E, L, S)
+            form = b.transpose(-1, -2).unsqueeze(1) @ (wd.unsqueeze(-1) * b.unsqueeze(1))
+            top = torch.linalg.eigvalsh(form)[..., -1].movedim(1, -1)  # (1, L, E)
+            got = getattr(forms, name)
+            assert bool((got >= top).all()), (case, name)
+            assert bool((got - top <= 1e-6 * scale).all()), (case, name)

@@ -236,18 +236,35 @@ def softmax_own_times(p_hi: Tensor, d_lo: Tensor, d_hi: Tensor, v0: Tensor) -> T
     return bound * (1 + gamma(p_hi.shape[-1] + 8)) + TINY
 
 
+class ScoreForms(NamedTuple):
+    """Centre quantities of :func:`softmax_own_quadratic` (:func:`score_forms`), each an
+    upper bound: λ⁺, λ⁻ (…, L, E) of λ_max(BᵀW^±B) per query row and value column;
+    ‖b_j‖ (…, L, S) per key; ‖B‖₂ and ‖√p⁰ ⊙ B‖₂ (…, L, 1) per row; ‖BᵀW‖ (…, L, E) per
+    row and column."""
+
+    lam_pos: Tensor
+    lam_neg: Tensor
+    b_norm: Tensor
+    b_top: Tensor
+    pb_top: Tensor
+    bw_norm: Tensor
+
+
 def score_forms(gram: Tensor, p0: Tensor, v0: Tensor, budget: int = 2**24
-                ) -> tuple[Tensor, Tensor, Tensor] | None:
+                ) -> ScoreForms | None:
     """Centre quantities of :func:`softmax_own_quadratic` for one attention call, from the
     Gram matrices G = AAᵀ of its score rows' Jacobians A = ∂s_i/∂x (…, L, S, S), the
     centre probabilities p⁰ (…, L, S) and values V₀ (…, S, E): with C = I − 1p⁰ᵀ, the
     centred rows B = CA have Gram K = CGCᵀ, and for each column c = V₀_{:,d} the weights
-    W_j = p⁰_j(c_j − c̄), c̄ = ⟨p⁰, c⟩, split as W = W⁺ − W⁻. Returns λ⁺, λ⁻ (…, L, E):
-    upper bounds of λ_max(BᵀW^±B) = λ_max(√W^± K √W^±) (an S × S eigenproblem per row and
-    column), and ‖b_j‖ = √K_jj (…, L, S), each rounded up: G carries a relative error below
-    1e-9 (``jacobian.py``), so every entry of K is within 4·10⁻⁹·max_j G_jj of the exact
-    one, which moves an eigenvalue of √W K √W by at most that times Σ_j W_j (Weyl), and
-    eigvalsh's own error is far below; both are covered by 10⁻⁸·max_j G_jj·Σ_j W_j. None
+    W_j = p⁰_j(c_j − c̄), c̄ = ⟨p⁰, c⟩, split as W = W⁺ − W⁻. Returns (:class:`ScoreForms`)
+    λ⁺, λ⁻: upper bounds of λ_max(BᵀW^±B) = λ_max(√W^± K √W^±) (an S × S eigenproblem per
+    row and column); ‖b_j‖ = √K_jj; ‖B‖₂ = √λ_max(K) and ‖√p⁰ ⊙ B‖₂ = √λ_max(√p⁰K√p⁰)
+    (one eigenproblem each per row); and ‖BᵀW‖ = √(WᵀKW) per column; each rounded up: G
+    carries a relative error below 1e-9 (``jacobian.py``), so every entry of K is within
+    4·10⁻⁹·max_j G_jj of the exact one, which moves an eigenvalue of √W K √W by at most
+    that times Σ_j W_j (1 for W = p⁰) and one of K by at most that times S (Weyl), and WᵀKW
+    by at most that times (Σ_j |W_j|)²; eigvalsh's own error is far below; all are covered
+    by 10⁻⁸·max_j G_jj times the same factor. None
     where one column's matrices would exceed 4·``budget`` elements."""
     S, E = v0.shape[-2], v0.shape[-1]
     lead = torch.broadcast_shapes(gram.shape[:-2], p0.shape[:-1])
@@ -259,8 +276,16 @@ def score_forms(gram: Tensor, p0: Tensor, v0: Tensor, budget: int = 2**24
     g_max = torch.diagonal(gram, dim1=-2, dim2=-1).amax(-1, keepdim=True)  # (…, L, 1)
     b_norm = (torch.diagonal(k, dim1=-2, dim2=-1).clamp(min=0) + 4e-9 * g_max).sqrt()
     b_norm = b_norm * (1 + 4 * U)
+    b_top = torch.linalg.eigvalsh(k)[..., -1:].clamp(min=0) * (1 + 4 * U) + 1e-8 * g_max * S
+    b_top = b_top.sqrt() * (1 + 4 * U)
+    root_p = p0.sqrt()
+    pb_top = torch.linalg.eigvalsh(root_p.unsqueeze(-1) * k * root_p.unsqueeze(-2))[..., -1:]
+    pb_top = (pb_top.clamp(min=0) * (1 + 4 * U) + 1e-8 * g_max).sqrt() * (1 + 4 * U)
     c_bar = p0 @ v0  # (…, L, E)
     weights = p0.unsqueeze(-1) * (v0.unsqueeze(-3) - c_bar.unsqueeze(-2))  # (…, L, S, E)
+    form = torch.einsum("...se,...st,...te->...e", weights, k, weights).clamp(min=0)
+    bw_norm = (form * (1 + gamma(2 * S + 4)) + 1e-8 * g_max * weights.abs().sum(-2).square()
+               ).sqrt() * (1 + 4 * U)
     chunk = max(1, budget // max(1, math.prod(lead) * S * S))
     out = []
     for sign in (1.0, -1.0):
@@ -272,12 +297,136 @@ def score_forms(gram: Tensor, p0: Tensor, v0: Tensor, budget: int = 2**24
             lam.append(torch.linalg.eigvalsh(m)[..., -1].clamp(min=0))
         pad = 1e-8 * g_max * w.sum(-2)
         out.append(torch.cat(lam, -1) * (1 + 4 * U) + pad + TINY)
-    return out[0], out[1], b_norm
+    return ScoreForms(out[0], out[1], b_norm, b_top, pb_top, bw_norm)
+
+
+class _ScoreRow(NamedTuple):
+    """What :func:`softmax_own_quadratic` knows of a score row's deviation Δ = Aδ + e at a
+    reached point (‖δ‖ ≤ r) and of p on the segment to it, over the live keys (p_hi > 0;
+    the others are 0), with C = I − 1p⁰ᵀ, μ₀ = ⟨p⁰, Δ⟩, B = CA and, at a point of the
+    segment, μ = ⟨p, Δ⟩ and V = Σ_j p_j(Δ_j − μ)²: ``dp`` ≥ |p_j − p⁰_j|; ω and ρ of
+    :func:`_lagrange_terms`; ε_j ≥ |e_j − ⟨p⁰, e⟩|; ``n`` = N ≥ ‖CΔ‖ = ‖Δ − μ₀1‖,
+    N = r‖B‖₂ + ‖ε‖; ``shift`` = σ ≥ |μ₀ − μ| = |Σ_j (p_j − p⁰_j)(Δ_j − κ)| (any κ), at
+    most Σ_j Δp_j·ω_j and ‖Δp‖·N (κ = μ₀), plus the rounding of Σ_j p⁰_j = 1; ``var`` ≥ V:
+    the bound of :func:`_lagrange_terms`, and V ≤ Σ_j p_j(Δ_j − μ₀)² ≤ max_j p_j·N² (the
+    mean minimises the spread)."""
+
+    live: Tensor
+    dp: Tensor
+    omega: Tensor
+    reach: Tensor
+    var: Tensor
+    eps: Tensor
+    n: Tensor
+    shift: Tensor
+
+
+def _score_row(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi: Tensor,
+               e_lo: Tensor, e_hi: Tensor, forms: ScoreForms, r: Tensor) -> _ScoreRow:
+    """:class:`_ScoreRow` for score deviations in [d_lo, d_hi] with remainder in
+    [e_lo, e_hi] and p ∈ [p_lo, p_hi] on the segments."""
+    live = p_hi > 0
+    zero = torch.zeros((), dtype=F64)
+    S = p0.shape[-1]
+    omega, reach, var = _lagrange_terms(p_hi, d_lo, d_hi)
+    dp = torch.where(live, torch.maximum(p_hi - p0, p0 - p_lo).clamp(min=0), zero)
+    e_lo = torch.where(live, e_lo, zero)
+    e_hi = torch.where(live, e_hi, zero)
+    mean_lo = (p0 * e_lo).sum(-1, keepdim=True)
+    mean_hi = (p0 * e_hi).sum(-1, keepdim=True)
+    eps = torch.where(live, torch.maximum((e_hi - mean_lo).abs(), (e_lo - mean_hi).abs()),
+                      zero)
+    n = (r * forms.b_top + row_norm(eps).unsqueeze(-1)) * (1 + gamma(S + 16))
+    top = torch.maximum(d_hi.abs(), d_lo.abs()).amax(-1, keepdim=True)
+    shift = torch.minimum((dp * omega).sum(-1, keepdim=True), row_norm(dp).unsqueeze(-1) * n)
+    shift = shift + gamma(S + 4) * top
+    var = torch.minimum(var, p_hi.amax(-1, keepdim=True) * n * n * (1 + gamma(4)))
+    return _ScoreRow(live, dp, omega, reach, var, eps, n, shift)
+
+
+def _by_key(weights: Tensor, per_key: Tensor) -> Tensor:
+    """Σ_j weights_j·per_key_j over the keys: (…, L, S, E) × (…, L, S) → (…, L, E)."""
+    return torch.einsum("...se,...s->...e", weights, per_key)
+
+
+def _quadratic_part(row: _ScoreRow, weight: Tensor, forms: ScoreForms, r: Tensor) -> Pair:
+    """Bounds of T₁ = Σ_j W_j(Δ_j − μ₀)² = (CΔ)ᵀdiag(W)(CΔ) per value column (W = p⁰ ⊙ w,
+    (…, L, S, E)). With CΔ = Bδ + Ce: δᵀBᵀWBδ ∈ r²[−λ⁻, λ⁺],
+    |2(Bδ)ᵀW(Ce)| ≤ 2r Σ_j |W_j|·‖b_j‖·ε_j and (Ce)ᵀW(Ce) ∈ [−Σ W⁻ε², Σ W⁺ε²]; T₁ also
+    lies within ±Σ_j W^±_j ρ_j² (|Δ_j − μ₀| ≤ ρ_j) and ±max_j W^±_j·N²."""
+    w_pos, w_neg = weight.clamp(min=0), (-weight).clamp(min=0)
+    n2, eps, reach2 = row.n * row.n, row.eps, row.reach.square()
+    cross = 2 * r * _by_key(weight.abs(), forms.b_norm * eps)
+    hi = torch.minimum(r * r * forms.lam_pos + cross + _by_key(w_pos, eps.square()),
+                       torch.minimum(_by_key(w_pos, reach2), w_pos.amax(-2) * n2))
+    lo = torch.maximum(-r * r * forms.lam_neg - cross - _by_key(w_neg, eps.square()),
+                       -torch.minimum(_by_key(w_neg, reach2), w_neg.amax(-2) * n2))
+    return lo, hi
+
+
+def _expansion_rest(row: _ScoreRow, w: Tensor, weight: Tensor, c_bar: Tensor,
+                    forms: ScoreForms, r: Tensor) -> Tensor:
+    """A bound of |φ″ − T₁| at a point of the segment (c = V₀_{:,d}, w = c − c̄,
+    W = p⁰ ⊙ w, c̄_p = ⟨p, c⟩ there), from the exact expansion
+
+        φ″ − T₁ = 2(μ₀ − μ)·Σ_j W_j(Δ_j − μ₀) + (μ₀ − μ)²·Σ_j W_j
+                  + Σ_j (p_j − p⁰_j)w_j(Δ_j − μ)² − (c̄_p − c̄)·V
+
+    (Σ_j W_j = 0 up to the rounding of p⁰), each term bounded key by key and through N,
+    which keeps the keys from all deviating at their worst at once:
+    |Σ_j W_j(Δ_j − μ₀)| ≤ min(Σ_j |W_j|ρ_j, r‖BᵀW‖ + Σ_j |W_j|ε_j);
+    |Σ_j (p_j − p⁰_j)w_j(Δ_j − μ)²| ≤ min(Σ_j Δp_j|w_j|ρ_j², max_j Δp_j|w_j|·(N + √n·σ)²)
+    (n live keys; ‖Δ − μ1‖ ≤ ‖CΔ‖ + √n·|μ₀ − μ|); |c̄_p − c̄| ≤ Σ_j Δp_j|w_j|."""
+    S = w.shape[-2]
+    shift = row.shift
+    linear = torch.minimum(_by_key(weight.abs(), row.reach),
+                           r * forms.bw_norm + _by_key(weight.abs(), row.eps))
+    w_sum = weight.sum(-2).abs() + gamma(S + 4) * weight.abs().sum(-2)
+    spread = row.n + row.live.sum(-1, keepdim=True).sqrt() * shift
+    moved = row.dp.unsqueeze(-1) * w.abs()
+    return (shift * (2 * linear + shift * w_sum)
+            + torch.minimum(_by_key(moved, row.reach.square()),
+                            moved.amax(-2) * spread.square())
+            + (_by_key(w.abs(), row.dp) + gamma(S + 4) * c_bar.abs()) * row.var)
+
+
+def softmax_cubic(row: _ScoreRow, p0: Tensor, w: Tensor, forms: ScoreForms, r: Tensor
+                  ) -> Tensor:
+    """A bound of |R·c − ½φ″(0)| per value column (w = c − c̄, (…, L, S, E)), the third
+    order of Taylor's theorem for φ(t) = ⟨p(s₀ + tΔ), c⟩: R·c = φ(1) − φ(0) − φ′(0)
+    = ½φ″(0) + ∫₀¹ ½(1 − t)²φ‴(t)dt and φ″(0) = T₁. Along the segment p is an exponential
+    family in t, d/dt E_p[f] = Cov_p(f, Δ), so φ′ = Cov(c, Δ), φ″ = E[c̃x²] and
+    φ‴ = E[c̃x³] − 3·Cov(c, Δ)·V (c̃ = c − c̄_p, x = Δ − μ). With |c̃_j| ≤ ℓ, the range of
+    c over the live keys, |x_j| ≤ ρ̂ and |Cov(c, Δ)| ≤ √(Var c·V):
+    |φ‴| ≤ ℓ·ρ̂·V + 3√(Var c)·V^{3/2}, and |R·c − ½T₁| is at most a sixth of that. Here
+    ρ̂ = min(max_j ρ_j, max_j (r‖b_j‖ + ε_j) + σ) (|Δ_j − μ| ≤ |(CΔ)_j| + |μ₀ − μ|);
+    with g = max_j Δp_j/p⁰_j (p_j ≤ (1 + g)p⁰_j), V ≤ Σ_j p_j(Δ_j − μ₀)² is at most
+    (1 + g)·Σ_j p⁰_j(CΔ)_j² and Σ_j p⁰_j(CΔ)_j² + max_j Δp_j·N², where
+    √(Σ_j p⁰_j(CΔ)_j²) ≤ r‖√p⁰ ⊙ B‖₂ + ‖√p⁰ ⊙ ε‖ (V's first order is the centre's
+    variance of the first-order score change, not the score box's); and
+    Var c ≤ Σ_j p_j w_j² ≤ min((1 + g)·Σ_j p⁰_j w_j², ℓ²/4). T₁ here takes the computed p⁰
+    for the exact softmax(s₀); the difference, a few roundings of each p⁰_j, is below
+    4γ·ℓ·ρ̂² added."""
+    pad = gamma(p0.shape[-1] + 16)
+    live = row.live
+    live_v = live.unsqueeze(-1)
+    ell = (torch.where(live_v, w, -math.inf).amax(-2)
+           - torch.where(live_v, w, math.inf).amin(-2)).clamp(min=0)
+    rho = torch.minimum(row.reach.amax(-1, keepdim=True),
+                        (r * forms.b_norm + row.eps).amax(-1, keepdim=True) + row.shift)
+    ratio = torch.where(p0 > 0, row.dp / p0, torch.where(row.dp > 0, math.inf, 0.0))
+    grow = 1 + ratio.amax(-1, keepdim=True) * (1 + pad)  # p_j ≤ grow·p⁰_j
+    first = (r * forms.pb_top + row_norm(p0.sqrt() * row.eps).unsqueeze(-1)).square()
+    moved = row.dp.amax(-1, keepdim=True) * row.n.square()
+    v_seg = torch.minimum(row.var, torch.minimum(grow * first, first + moved)) * (1 + pad)
+    var_c = torch.minimum(grow * _by_key(w.square(), p0), ell.square() / 4) * (1 + pad)
+    cubic = (ell * rho + 3 * (var_c * v_seg).sqrt()) * v_seg / 6 + 4 * pad * ell * rho.square()
+    return cubic * (1 + pad)
 
 
 def softmax_own_quadratic(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor,
                           d_hi: Tensor, e_lo: Tensor, e_hi: Tensor, v0: Tensor,
-                          forms: tuple[Tensor, Tensor, Tensor], radius: Tensor) -> Pair:
+                          forms: ScoreForms, radius: Tensor) -> Pair:
     """Bounds [lo, hi] of (R·V₀)_id, R softmax's own remainder at a reached point whose
     scores deviate by Δ = Aδ + e (A = ∂s_i/∂x at the centre, ‖δ‖ ≤ r, e ∈ [e_lo, e_hi]
     the scores' remainder, Δ ∈ [d_lo, d_hi]) with p ∈ [p_lo, p_hi] on the segment from s₀
@@ -285,56 +434,24 @@ def softmax_own_quadratic(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor,
 
     With c = V₀_{:,d}, R·c = ½φ″(τ) and φ″ = Σ_j p_j(c_j − c̄_p)(Δ_j − μ)² (p, μ = ⟨p, Δ⟩
     and c̄_p = ⟨p, c⟩ at a point of the segment; :func:`softmax_own_times`). Around the
-    centre's p⁰, with w = c − c̄, c̄ = ⟨p⁰, c⟩, W = p⁰ ⊙ w and μ₀ = ⟨p⁰, Δ⟩, exactly
-
-        φ″ = T₁ + (μ₀ − μ)·Σ_j W_j(2Δ_j − μ − μ₀) + Σ_j (p_j − p⁰_j)w_j(Δ_j − μ)²
-             − (c̄_p − c̄)·V,
-
-    T₁ = Σ_j W_j(Δ_j − μ₀)² = (CΔ)ᵀ diag(W) (CΔ), C = I − 1p⁰ᵀ. T₁ is a quadratic form:
-    with CΔ = Bδ + Ce, δᵀBᵀWBδ ∈ r²[−λ⁻, λ⁺], |2(Bδ)ᵀW(Ce)| ≤ 2r Σ_j |W_j|·‖b_j‖·ε_j and
-    (Ce)ᵀW(Ce) ∈ [−Σ W⁻ε², Σ W⁺ε²], ε_j ≥ |e_j − ⟨p⁰, e⟩|; it also lies in
-    [−Σ_j W⁻_j ρ_j², Σ_j W⁺_j ρ_j²] with ρ_j ≥ |Δ_j − μ| for any mean μ of the row
-    (:func:`_lagrange_terms`). The other three terms are third order: |μ₀ − μ| =
-    |Σ_j (p⁰_j − p_j)(Δ_j − κ)| ≤ Σ_j Δp_j·ω_j, |Σ_j W_j(2Δ_j − μ − μ₀)| ≤ 2Σ_j |W_j|ρ_j,
-    |Σ_j (p_j − p⁰_j)w_j(Δ_j − μ)²| ≤ Σ_j Δp_j|w_j|ρ_j², |c̄_p − c̄| ≤ Σ_j Δp_j|w_j| and
-    V ≤ the variance bound of :func:`_lagrange_terms`. Where Δ is mostly first order this
-    bound is the quadratic form's eigenvalues, not every entry's worst case at once; in the
-    first block of the demo's ViTs it is 6–25× below :func:`softmax_own_times`."""
-    lam_pos, lam_neg, b_norm = forms
-    live = p_hi > 0
-    zero = torch.zeros((), dtype=F64)
-    S = p0.shape[-1]
-    omega, reach, var = _lagrange_terms(p_hi, d_lo, d_hi)
-    dp = torch.where(live, torch.maximum(p_hi - p0, p0 - p_lo).clamp(min=0), zero)
+    centre's p⁰, with w = c − c̄, c̄ = ⟨p⁰, c⟩, W = p⁰ ⊙ w and μ₀ = ⟨p⁰, Δ⟩, the second
+    order is T₁ = Σ_j W_j(Δ_j − μ₀)² = φ″(0), a quadratic form in δ
+    (:func:`_quadratic_part`), and R·c lies within ½(T₁ ± the rest), the rest bounded
+    both by the exact expansion of φ″ − T₁ (:func:`_expansion_rest`) and by twice the
+    third-order Taylor term (:func:`softmax_cubic`). Where Δ is mostly first order this
+    bound is the quadratic form's eigenvalues, not every entry's worst case at once; in
+    the first block of the demo's ViTs it is 6–25× below :func:`softmax_own_times`."""
+    r = radius
+    row = _score_row(p0, p_lo, p_hi, d_lo, d_hi, e_lo, e_hi, forms, r)
     c_bar = p0 @ v0  # (…, L, E)
     w = v0.unsqueeze(-3) - c_bar.unsqueeze(-2)  # (…, L, S, E)
     weight = p0.unsqueeze(-1) * w
-    w_pos, w_neg = weight.clamp(min=0), (-weight).clamp(min=0)
-    e_lo = torch.where(live, e_lo, zero)
-    e_hi = torch.where(live, e_hi, zero)
-    mean_lo = (p0 * e_lo).sum(-1, keepdim=True)
-    mean_hi = (p0 * e_hi).sum(-1, keepdim=True)
-    eps = torch.where(live, torch.maximum((e_hi - mean_lo).abs(), (e_lo - mean_hi).abs()),
-                      zero)
-
-    def by_key(weights: Tensor, per_key: Tensor) -> Tensor:
-        """Σ_j weights_j·per_key_j over the keys: (…, L, S, E) × (…, L, S) → (…, L, E)."""
-        return torch.einsum("...se,...s->...e", weights, per_key)
-
-    r = radius
-    cross = 2 * r * by_key(weight.abs(), b_norm * eps)
-    t1_hi = torch.minimum(r * r * lam_pos + cross + by_key(w_pos, eps.square()),
-                          by_key(w_pos, reach.square()))
-    t1_lo = torch.maximum(-r * r * lam_neg - cross - by_key(w_neg, eps.square()),
-                          -by_key(w_neg, reach.square()))
-    top = torch.maximum(d_hi.abs(), d_lo.abs()).amax(-1, keepdim=True)
-    shift = (dp * omega).sum(-1, keepdim=True) + gamma(S + 4) * top
-    third = (2 * shift * by_key(weight.abs(), reach)
-             + by_key(dp.unsqueeze(-1) * w.abs(), reach.square())
-             + (by_key(w.abs(), dp) + gamma(S + 4) * c_bar.abs()) * var)
-    pad = gamma(S + 16)
-    lo = 0.5 * (t1_lo - third) * (1 + pad) - pad * t1_hi.abs() - TINY
-    hi = 0.5 * (t1_hi + third) * (1 + pad) + pad * t1_lo.abs() + TINY
+    t1_lo, t1_hi = _quadratic_part(row, weight, forms, r)
+    rest = torch.minimum(_expansion_rest(row, w, weight, c_bar, forms, r),
+                         2 * softmax_cubic(row, p0, w, forms, r))
+    pad = gamma(p0.shape[-1] + 16)
+    lo = 0.5 * (t1_lo - rest) * (1 + pad) - pad * t1_hi.abs() - TINY
+    hi = 0.5 * (t1_hi + rest) * (1 + pad) + pad * t1_lo.abs() + TINY
     return lo, hi
 
 
