@@ -543,7 +543,8 @@ def test_softmax_cubic_term_holds_and_is_reached() -> None:
         return _softmax_own(s0, p0, keep, ds) @ v0 - _second_order_at_centre(p0, ds, w) / 2
 
     reached = torch.tensor(_third_order_reach(
-        12, lambda row, p0, w, forms, r, c_bar: softmax_cubic(row, p0, w, forms, r), value))
+        12, lambda row, p0, w, forms, r, c_bar: softmax_cubic(row, p0, w, c_bar, forms, r),
+        value))
     assert float(reached.median()) >= 0.04 and float(reached.max()) >= 0.7, reached
 
 

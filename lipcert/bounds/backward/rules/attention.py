@@ -390,14 +390,14 @@ def _expansion_rest(row: _ScoreRow, w: Tensor, weight: Tensor, c_bar: Tensor,
             + (_by_key(w.abs(), row.dp) + gamma(S + 4) * c_bar.abs()) * row.var)
 
 
-def softmax_cubic(row: _ScoreRow, p0: Tensor, w: Tensor, forms: ScoreForms, r: Tensor
-                  ) -> Tensor:
-    """A bound of |R·c − ½φ″(0)| per value column (w = c − c̄, (…, L, S, E)), the third
-    order of Taylor's theorem for φ(t) = ⟨p(s₀ + tΔ), c⟩: R·c = φ(1) − φ(0) − φ′(0)
-    = ½φ″(0) + ∫₀¹ ½(1 − t)²φ‴(t)dt and φ″(0) = T₁. Along the segment p is an exponential
-    family in t, d/dt E_p[f] = Cov_p(f, Δ), so φ′ = Cov(c, Δ), φ″ = E[c̃x²] and
-    φ‴ = E[c̃x³] − 3·Cov(c, Δ)·V (c̃ = c − c̄_p, x = Δ − μ). With |c̃_j| ≤ ℓ, the range of
-    c over the live keys, |x_j| ≤ ρ̂ and |Cov(c, Δ)| ≤ √(Var c·V):
+def softmax_cubic(row: _ScoreRow, p0: Tensor, w: Tensor, c_bar: Tensor, forms: ScoreForms,
+                  r: Tensor) -> Tensor:
+    """A bound of |R·c − ½φ″(0)| per value column (w = c − c̄, (…, L, S, E); c̄ = ⟨p⁰, c⟩,
+    (…, L, E)), the third order of Taylor's theorem for φ(t) = ⟨p(s₀ + tΔ), c⟩:
+    R·c = φ(1) − φ(0) − φ′(0) = ½φ″(0) + ∫₀¹ ½(1 − t)²φ‴(t)dt and φ″(0) = T₁. Along the
+    segment p is an exponential family in t, d/dt E_p[f] = Cov_p(f, Δ), so φ′ = Cov(c, Δ),
+    φ″ = E[c̃x²] and φ‴ = E[c̃x³] − 3·Cov(c, Δ)·V (c̃ = c − c̄_p, x = Δ − μ). With
+    |c̃_j| ≤ ℓ, the range of c over the live keys, |x_j| ≤ ρ̂ and |Cov(c, Δ)| ≤ √(Var c·V):
     |φ‴| ≤ ℓ·ρ̂·V + 3√(Var c)·V^{3/2}, and |R·c − ½T₁| is at most a sixth of that. Here
     ρ̂ = min(max_j ρ_j, max_j (r‖b_j‖ + ε_j) + σ) (|Δ_j − μ| ≤ |(CΔ)_j| + |μ₀ − μ|);
     with g = max_j Δp_j/p⁰_j (p_j ≤ (1 + g)p⁰_j), V ≤ Σ_j p_j(Δ_j − μ₀)² is at most
@@ -405,22 +405,23 @@ def softmax_cubic(row: _ScoreRow, p0: Tensor, w: Tensor, forms: ScoreForms, r: T
     √(Σ_j p⁰_j(CΔ)_j²) ≤ r‖√p⁰ ⊙ B‖₂ + ‖√p⁰ ⊙ ε‖ (V's first order is the centre's
     variance of the first-order score change, not the score box's); and
     Var c ≤ Σ_j p_j w_j² ≤ min((1 + g)·Σ_j p⁰_j w_j², ℓ²/4). T₁ here takes the computed p⁰
-    for the exact softmax(s₀); the difference, a few roundings of each p⁰_j, is below
-    4γ·ℓ·ρ̂² added."""
+    (and c̄, μ₀ from it) for the exact softmax(s₀); the difference, a few roundings of each
+    p⁰_j, is below 4γ·(ℓ + |c̄|)·max_j ρ_j² added."""
     pad = gamma(p0.shape[-1] + 16)
     live = row.live
     live_v = live.unsqueeze(-1)
     ell = (torch.where(live_v, w, -math.inf).amax(-2)
            - torch.where(live_v, w, math.inf).amin(-2)).clamp(min=0)
-    rho = torch.minimum(row.reach.amax(-1, keepdim=True),
-                        (r * forms.b_norm + row.eps).amax(-1, keepdim=True) + row.shift)
+    reach = row.reach.amax(-1, keepdim=True)
+    rho = torch.minimum(reach, (r * forms.b_norm + row.eps).amax(-1, keepdim=True) + row.shift)
     ratio = torch.where(p0 > 0, row.dp / p0, torch.where(row.dp > 0, math.inf, 0.0))
     grow = 1 + ratio.amax(-1, keepdim=True) * (1 + pad)  # p_j ≤ grow·p⁰_j
     first = (r * forms.pb_top + row_norm(p0.sqrt() * row.eps).unsqueeze(-1)).square()
     moved = row.dp.amax(-1, keepdim=True) * row.n.square()
     v_seg = torch.minimum(row.var, torch.minimum(grow * first, first + moved)) * (1 + pad)
     var_c = torch.minimum(grow * _by_key(w.square(), p0), ell.square() / 4) * (1 + pad)
-    cubic = (ell * rho + 3 * (var_c * v_seg).sqrt()) * v_seg / 6 + 4 * pad * ell * rho.square()
+    rounding = 4 * pad * (ell + c_bar.abs()) * reach.square()
+    cubic = (ell * rho + 3 * (var_c * v_seg).sqrt()) * v_seg / 6 + rounding
     return cubic * (1 + pad)
 
 
@@ -448,7 +449,7 @@ def softmax_own_quadratic(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor,
     weight = p0.unsqueeze(-1) * w
     t1_lo, t1_hi = _quadratic_part(row, weight, forms, r)
     rest = torch.minimum(_expansion_rest(row, w, weight, c_bar, forms, r),
-                         2 * softmax_cubic(row, p0, w, forms, r))
+                         2 * softmax_cubic(row, p0, w, c_bar, forms, r))
     pad = gamma(p0.shape[-1] + 16)
     lo = 0.5 * (t1_lo - rest) * (1 + pad) - pad * t1_hi.abs() - TINY
     hi = 0.5 * (t1_hi + rest) * (1 + pad) + pad * t1_lo.abs() + TINY
