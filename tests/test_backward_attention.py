@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -259,6 +259,59 @@ def _ball_point(g: torch.Generator, shape: torch.Size, r: float) -> Tensor:
     return d / d.norm() * r * float(torch.rand((), generator=g, dtype=F64) ** 0.2)
 
 
+class _ScoreCase(NamedTuple):
+    e_lo: Tensor
+    e_hi: Tensor
+    v0: Tensor
+    first: Tensor
+    ds: tuple[Tensor, Tensor]
+    probs: tuple[Tensor, Tensor, Tensor]
+    forms: Any
+
+
+def _score_case(g: torch.Generator, s0: Tensor, keep: Tensor, a: Tensor, r: float,
+                e_size: float, columns: int) -> _ScoreCase:
+    """Score rows s₀ + Aδ + e (‖δ‖ ≤ r, e in a random box of size ``e_size``): the box,
+    random values V₀ (1, S, ``columns``), the first-order part r‖a_j‖, the score deviations' box,
+    the probabilities' (centre, lo, hi) and ``score_forms``."""
+    e_lo = -torch.rand(s0.shape, generator=g, dtype=F64) * e_size
+    e_hi = torch.rand(s0.shape, generator=g, dtype=F64) * e_size
+    v0 = torch.randn(1, s0.shape[-1], columns, generator=g, dtype=F64)
+    first = r * a.norm(dim=-1)
+    d_lo, d_hi = e_lo - first, e_hi + first
+    probs = softmax_box(s0, s0 + d_lo, s0 + d_hi, keep)
+    forms = score_forms(a @ a.transpose(-1, -2), probs[0], v0)
+    assert forms is not None
+    return _ScoreCase(e_lo, e_hi, v0, first, (d_lo, d_hi), probs, forms)
+
+
+def _ball_search(g: torch.Generator, value: Callable[[Tensor, Tensor], Tensor], m: int,
+                 r: float, e_lo: Tensor, e_hi: Tensor, step: float) -> list[tuple[Tensor, Tensor]]:
+    """Points (δ, e) with ‖δ‖ ≤ r (m-dimensional) and e in [e_lo, e_hi]: 10 random ones,
+    and for each entry of ``value(δ, e)`` (1, rows, E) and each sign, 40 projected gradient
+    steps of length ``step``·r that push that entry (e at the box corner of its gradient)."""
+    points = [(_ball_point(g, torch.Size((m,)), r),
+               e_lo + torch.rand(e_lo.shape, generator=g, dtype=F64) * (e_hi - e_lo))
+              for _ in range(10)]
+    rows, cols = value(points[0][0], points[0][1]).shape[-2:]
+    for i in range(rows):
+        for d in range(cols):
+            for sign in (1.0, -1.0):
+                delta = _ball_point(g, torch.Size((m,)), r)
+                e = (e_lo + e_hi) / 2
+                for _ in range(40):
+                    delta.requires_grad_(True)
+                    e.requires_grad_(True)
+                    step_d, step_e = torch.autograd.grad(sign * value(delta, e)[0, i, d],
+                                                         [delta, e])
+                    delta = delta.detach() + step * r * step_d / step_d.norm().clamp(
+                        min=1e-300)
+                    delta = delta * torch.clamp(r / delta.norm().clamp(min=1e-300), max=1.0)
+                    e = torch.where(step_e > 0, e_hi, e_lo)
+                points.append((delta.detach(), e.detach()))
+    return points
+
+
 def test_softmax_own_quadratic_holds_and_is_reached() -> None:
     """``softmax_own_quadratic``: for score rows Δ = Aδ + e (random Jacobians A of a
     40-dimensional input, ‖δ‖ ≤ r, e in a random box), R·V₀ (R softmax's own remainder)
@@ -276,14 +329,8 @@ def test_softmax_own_quadratic_holds_and_is_reached() -> None:
         r = float(10 ** torch.empty(()).uniform_(-4, -0.5, generator=g))
         exact = case % 2 == 0  # no remainder: the quadratic form alone
         e_size = 0.0 if exact else float(10 ** torch.empty(()).uniform_(-6, -1, generator=g))
-        e_lo = -torch.rand(s0.shape, generator=g, dtype=F64) * e_size
-        e_hi = torch.rand(s0.shape, generator=g, dtype=F64) * e_size
-        v0 = torch.randn(1, S, E, generator=g, dtype=F64)
-        first = r * a.norm(dim=-1)
-        d_lo, d_hi = e_lo - first, e_hi + first
-        p0, p_lo, p_hi = softmax_box(s0, s0 + d_lo, s0 + d_hi, keep)
-        forms = score_forms(a @ a.transpose(-1, -2), p0, v0)
-        assert forms is not None
+        e_lo, e_hi, v0, first, (d_lo, d_hi), (p0, p_lo, p_hi), forms = _score_case(
+            g, s0, keep, a, r, e_size, E)
         lo, hi = softmax_own_quadratic(p0, p_lo, p_hi, d_lo, d_hi, e_lo, e_hi, v0, forms,
                                        torch.tensor(r, dtype=F64))
 
@@ -292,25 +339,7 @@ def test_softmax_own_quadratic_holds_and_is_reached() -> None:
             ds = (a @ delta.reshape(1, 1, -1, 1)).squeeze(-1) + e
             return _softmax_own(s0, p0, keep, ds) @ v0
 
-        points = [(_ball_point(g, torch.Size((m,)), r),
-                   e_lo + torch.rand(s0.shape, generator=g, dtype=F64) * (e_hi - e_lo))
-                  for _ in range(10)]
-        for i in range(rows):
-            for d in range(E):
-                for sign in (1.0, -1.0):
-                    delta = _ball_point(g, torch.Size((m,)), r)
-                    e = (e_lo + e_hi) / 2
-                    for _ in range(40):
-                        delta.requires_grad_(True)
-                        e.requires_grad_(True)
-                        step_d, step_e = torch.autograd.grad(
-                            sign * value(delta, e)[0, i, d], [delta, e])
-                        delta = delta.detach() + 0.5 * r * step_d / step_d.norm().clamp(
-                            min=1e-300)
-                        delta = delta * torch.clamp(r / delta.norm().clamp(min=1e-300),
-                                                    max=1.0)
-                        e = torch.where(step_e > 0, e_hi, e_lo)
-                    points.append((delta.detach(), e.detach()))
+        points = _ball_search(g, value, m, r, e_lo, e_hi, step=0.5)
         best = torch.full_like(hi, -math.inf)
         for delta, e in points:
             y = value(delta, e)
@@ -479,14 +508,8 @@ def _third_order_reach(seed: int, bound_of: RowBound, value_of: RowBound) -> lis
         r = 1.0
         e_size = 0.0 if case % 2 else float(10 ** torch.empty(()).uniform_(-3, -0.5,
                                                                           generator=g))
-        e_lo = -torch.rand(s0.shape, generator=g, dtype=F64) * e_size
-        e_hi = torch.rand(s0.shape, generator=g, dtype=F64) * e_size
-        v0 = torch.randn(1, S, E, generator=g, dtype=F64)
-        first = r * a.norm(dim=-1)
-        d_lo, d_hi = e_lo - first, e_hi + first
-        p0, p_lo, p_hi = softmax_box(s0, s0 + d_lo, s0 + d_hi, keep)
-        forms = score_forms(a @ a.transpose(-1, -2), p0, v0)
-        assert forms is not None
+        e_lo, e_hi, v0, _, (d_lo, d_hi), (p0, p_lo, p_hi), forms = _score_case(
+            g, s0, keep, a, r, e_size, E)
         radius = torch.tensor(r, dtype=F64)
         row = _score_row(p0, p_lo, p_hi, d_lo, d_hi, e_lo, e_hi, forms, radius)
         c_bar = p0 @ v0
@@ -499,25 +522,7 @@ def _third_order_reach(seed: int, bound_of: RowBound, value_of: RowBound) -> lis
             ds = torch.where(keep, (a @ delta.reshape(1, 1, -1, 1)).squeeze(-1) + e, 0.0)
             return value_of(s0, p0, keep, ds, v0, w)
 
-        points = [(_ball_point(g, torch.Size((m,)), r),
-                   e_lo + torch.rand(s0.shape, generator=g, dtype=F64) * (e_hi - e_lo))
-                  for _ in range(10)]
-        for i in range(rows):
-            for d in range(E):
-                for sign in (1.0, -1.0):
-                    delta = _ball_point(g, torch.Size((m,)), r)
-                    e = (e_lo + e_hi) / 2
-                    for _ in range(40):
-                        delta.requires_grad_(True)
-                        e.requires_grad_(True)
-                        step_d, step_e = torch.autograd.grad(
-                            sign * value(delta, e)[0, i, d], [delta, e])
-                        delta = delta.detach() + 0.2 * r * step_d / step_d.norm().clamp(
-                            min=1e-300)
-                        delta = delta * torch.clamp(r / delta.norm().clamp(min=1e-300),
-                                                    max=1.0)
-                        e = torch.where(step_e > 0, e_hi, e_lo)
-                    points.append((delta.detach(), e.detach()))
+        points = _ball_search(g, value, m, r, e_lo, e_hi, step=0.2)
         best = torch.zeros_like(bound)
         for delta, e in points:
             y = value(delta, e).abs()
