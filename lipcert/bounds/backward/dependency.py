@@ -18,7 +18,9 @@ the Jacobian ∂node/∂source of one sample, op by op:
 * every other op: every output element depends on every unit any input element depends on.
 
 Samples never mix (as everywhere in the Jacobian code), so one sample's layout stands for
-all; the dependency is found on a batch of one sample.
+all; the dependency is found on a batch of one sample, or, for a program exported with a
+fixed batch size, on a whole batch with only the first sample's units seeded, and that
+sample's slice is kept.
 
 Colouring: units that share a dependent element at some node conflict; units of one
 colour can share a tangent at every node where no element depends on two of them
@@ -29,6 +31,7 @@ and each element then receives at most one of them.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,20 +69,24 @@ def is_pointwise(target: Any) -> bool:
 
 
 def source_dependency(units: int, shape: torch.Size) -> Tensor:
-    """The source itself: each element depends on its own unit (per-sample coordinates in
-    order, ``units`` equal blocks)."""
+    """The source itself: each element of the first sample depends on its own unit
+    (per-sample coordinates in order, ``units`` equal blocks); (units, *shape)."""
     per = shape[1:].numel()
     unit_of = torch.arange(per) // (per // units)
-    return (unit_of[None, :] == torch.arange(units)[:, None]).reshape(units, 1, *shape[1:])
+    own = (unit_of[None, :] == torch.arange(units)[:, None]).reshape(units, 1, *shape[1:])
+    return torch.cat([own, own.new_zeros(units, shape[0] - 1, *shape[1:])], 1)
 
 
 def dependencies(nodes: list[torch.fx.Node], vals1: dict[str, Any], source: str,
-                 units: int) -> dict[str, Dep]:
+                 units: int, sample_major: Callable[[str], bool] | None = None
+                 ) -> dict[str, Dep]:
     """``{node: dep}`` for the source and every later node that depends on it, from
-    ``vals1`` (every node's value on a batch of one sample)."""
+    ``vals1`` (every node's value on a batch of one sample, or on a whole batch: then the
+    first sample's dependencies, (units, 1, ...), at the nodes whose dim 0 is the sample
+    (``sample_major``), and None, every unit, at the others)."""
     src = vals1[source]
     deps: dict[str, Dep] = {source: source_dependency(units, src.shape)
-                            if units * src[0].numel() <= MAX_ELEMENTS else None}
+                            if units * src.numel() <= MAX_ELEMENTS else None}
     for node in nodes:
         if node.op != "call_function" or is_runtime_check(node.target):
             continue
@@ -88,7 +95,11 @@ def dependencies(nodes: list[torch.fx.Node], vals1: dict[str, Any], source: str,
         if not any(isinstance(t, Tensor) for t in tree_flatten(vals1[node.name])[0]):
             continue  # a size: it does not depend on the values
         deps[node.name] = _node_dependency(node, deps, vals1, units)
-    return deps
+    if src.shape[0] == 1:
+        return deps
+    major = sample_major or (lambda name: False)
+    return {name: tree_map(lambda t: t[:, :1] if isinstance(t, Tensor) else t, dep)
+            if major(name) else None for name, dep in deps.items()}
 
 
 def _node_dependency(node: torch.fx.Node, deps: dict[str, Dep], vals1: dict[str, Any],

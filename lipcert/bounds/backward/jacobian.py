@@ -67,7 +67,8 @@ class ForwardJacobians:
         consts = as_f64(consts)
         with torch.no_grad():
             self.vals = node_values(graph, consts, input_name, x)
-            self.vals1 = _one_sample(graph, consts, input_name, x) if batch_major else None
+            self.vals1 = (_one_sample(graph, consts, input_name, x, self.vals)
+                          if batch_major else None)
         self.batch_major = batch_major or (lambda name: False)
         self.coeffs: dict[Any, Any] = {}
         self.score_grams: dict[str, Tensor] = {}
@@ -225,7 +226,7 @@ class _Plan:
         self.deps: dict[str, Dep] = {}
         self.colour = torch.arange(units)
         if jac.vals1 is not None and jac.batch_major(source):
-            self.deps = dependencies(chain, jac.vals1, source, units)
+            self.deps = dependencies(chain, jac.vals1, source, units, jac.batch_major)
             self.colour = colouring(self.deps, units)
         self.colours = int(self.colour.max()) + 1
         n = jac.vals[source].shape[0]
@@ -412,14 +413,15 @@ def _last_uses(chain: list[torch.fx.Node], names: set[str]) -> dict[str, int]:
     return last
 
 
-def _one_sample(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor
-                ) -> dict[str, Any] | None:
-    """Every node's value on the first sample alone (for the dependency analysis), or None
-    where the program does not run on one sample (a fixed batch size)."""
+def _one_sample(graph: torch.fx.Graph, consts: dict[str, Any], input_name: str, x: Tensor,
+                vals: dict[str, Any]) -> dict[str, Any]:
+    """Every node's value on the first sample alone (for the dependency analysis), or
+    ``vals``, those on the whole batch, where the program does not run on one sample (a
+    fixed batch size; the analysis then seeds the first sample only)."""
     try:
         return node_values(graph, consts, input_name, x[:1])
     except RuntimeError:
-        return None
+        return vals
 
 
 def _rounded_up(norm: Tensor) -> Tensor:
