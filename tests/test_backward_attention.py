@@ -24,6 +24,7 @@ from lipcert.bounds.backward import Box
 from lipcert.bounds.backward.registry import FwdCtx
 from lipcert.bounds.backward.rules.attention import (
     AttentionParts,
+    ScoreForms,
     _expansion_rest,
     _score_remainder,
     _score_row,
@@ -260,20 +261,22 @@ def _ball_point(g: torch.Generator, shape: torch.Size, r: float) -> Tensor:
 
 
 class _ScoreCase(NamedTuple):
+    """A random case of :func:`_score_case`."""
+
     e_lo: Tensor
     e_hi: Tensor
     v0: Tensor
     first: Tensor
     ds: tuple[Tensor, Tensor]
     probs: tuple[Tensor, Tensor, Tensor]
-    forms: Any
+    forms: ScoreForms
 
 
 def _score_case(g: torch.Generator, s0: Tensor, keep: Tensor, a: Tensor, r: float,
                 e_size: float, columns: int) -> _ScoreCase:
     """Score rows s₀ + Aδ + e (‖δ‖ ≤ r, e in a random box of size ``e_size``): the box,
-    random values V₀ (1, S, ``columns``), the first-order part r‖a_j‖, the score deviations' box,
-    the probabilities' (centre, lo, hi) and ``score_forms``."""
+    random values V₀ (1, S, ``columns``), the first-order part r‖a_j‖, the score
+    deviations' box, the probabilities' (centre, lo, hi) and ``score_forms``."""
     e_lo = -torch.rand(s0.shape, generator=g, dtype=F64) * e_size
     e_hi = torch.rand(s0.shape, generator=g, dtype=F64) * e_size
     v0 = torch.randn(1, s0.shape[-1], columns, generator=g, dtype=F64)
