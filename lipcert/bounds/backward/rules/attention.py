@@ -801,8 +801,7 @@ def _frobenius(x: Any, heads: torch.Size) -> Tensor:
     ``forward.py``); 0 for a constant."""
     if not isinstance(x, Box):
         return torch.zeros(heads, dtype=F64)
-    rows = x.row_dev()
-    by_rows = rows.square().sum(-1).sqrt() * (1 + gamma(rows.shape[-1] + 2))
+    by_rows = row_norm(x.row_dev())
     if x.l2 is not None:
         by_rows = torch.minimum(by_rows, x.l2.reshape(-1, *([1] * (by_rows.dim() - 1))))
     if x.mdev is not None:
