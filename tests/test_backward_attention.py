@@ -29,8 +29,10 @@ from lipcert.bounds.backward.rules.attention import (
     _score_remainder,
     _score_row,
     _soft_times,
+    _split_scores,
     _through_softmax,
     attention_parts,
+    key_overlap,
     score_forms,
     sdpa_forward,
     softmax_box,
@@ -612,3 +614,109 @@ def test_score_forms_match_their_definitions() -> None:
             got = getattr(forms, name)
             assert bool((got >= top).all()), (case, name)
             assert bool((got - top <= 1e-6 * scale).all()), (case, name)
+
+
+def _reads(g: torch.Generator, kind: str, rows: int, units: int) -> Tensor:
+    """(units, 1, rows) bool: which input units each row's Jacobian reads. ``patches``:
+    row t reads unit t; ``overlapping``: random subsets (at least one unit each);
+    ``mixed``: every unit."""
+    if kind == "patches":
+        return torch.eye(units, rows, dtype=torch.bool).unsqueeze(1)
+    if kind == "mixed":
+        return torch.ones(units, 1, rows, dtype=torch.bool)
+    reads = torch.rand(units, 1, rows, generator=g) < 0.4
+    reads[torch.randint(0, units, (rows,), generator=g), 0, torch.arange(rows)] = True
+    return reads
+
+
+def _rows_reading(g: torch.Generator, reads: Tensor, width: int, cols: int) -> Tensor:
+    """Random row Jacobians (1, rows, cols, units·width) that are 0 outside the units
+    each row reads."""
+    units, _, rows = reads.shape
+    a = torch.randn(1, rows, cols, units, width, generator=g, dtype=F64)
+    a = a * reads[:, 0].T.reshape(1, rows, 1, units, 1)
+    return a.reshape(1, rows, cols, units * width)
+
+
+def _reading_box(a: Tensor, half: Tensor, r: float) -> Box:
+    """Rows x₀ + Aδ + e at x₀ = 0 (A: (1, rows, cols, m), ‖δ‖ ≤ r, |e| ≤ ``half``) as a
+    Box with the rows' first-order parts r‖A_row‖₂ (``lin_rows``)."""
+    value = torch.zeros(half.shape, dtype=F64)
+    lin = r * torch.linalg.matrix_norm(a, ord=2).unsqueeze(1) * (1 + 1e-12)
+    return Box(value, value - 1, value + 1, None, None, -half, half, lin_rows=lin)
+
+
+def test_split_scores_bound_holds_and_is_reached() -> None:
+    """``_split_scores``: Σ_j a_ij‖ΔQ_i‖·‖ΔK_j‖ with ΔQ_i = A_iδ + e_i, ΔK_j = B_jδ + f_j
+    (‖δ‖ ≤ r; A_i, B_j reading random sets of input units: one patch per row as in a ViT's
+    first block, overlapping subsets, or every unit; e, f in random boxes in half of 200
+    cases) stays below the bound at random points and at points of projected gradient
+    ascent from several starts. Where each row reads its own patch, B_i is a multiple of
+    A_i and e = f = 0, the bound is the exact maximum, and the search reaches 0.9998 of it
+    in the median case (so 0.99 of the bound fails, as does the bound with its β over
+    every key instead of those reading outside U_i, 0.85). ``key_overlap`` on those units:
+    U_i ∩ V_j ≠ ∅, V_j ⊄ U_i and the most keys reading one unit outside U_i, against brute
+    force."""
+    g = torch.Generator().manual_seed(17)
+    reached = []
+    for case in range(200):
+        kind = ("tight", "patches", "overlapping", "mixed")[case % 4]
+        rows = int(torch.randint(2, 6, (), generator=g))
+        units = rows if kind in ("tight", "patches") else int(torch.randint(
+            2, 6, (), generator=g))
+        width, cols, r = 3, int(torch.randint(2, 5, (), generator=g)), 0.5
+        reads_q, reads_k = (_reads(g, "patches" if kind == "tight" else kind, rows, units)
+                            for _ in range(2))
+        aq = _rows_reading(g, reads_q, width, cols)
+        ak = _rows_reading(g, reads_k, width, cols)
+        if kind == "tight":
+            ak = aq * torch.rand(1, rows, 1, 1, generator=g, dtype=F64)
+        e_size = 0.0 if case // 4 % 2 else float(torch.rand((), generator=g)) * 0.3
+        boxes = [(torch.rand(1, 1, rows, cols, generator=g, dtype=F64) * e_size)
+                 for _ in range(2)]
+        overlap = key_overlap(reads_q, reads_k)
+        for i in range(rows):
+            u_i = set(torch.nonzero(reads_q[:, 0, i]).flatten().tolist())
+            for j in range(rows):
+                v_j = set(torch.nonzero(reads_k[:, 0, j]).flatten().tolist())
+                assert bool(overlap.near[0, i, j]) == bool(u_i & v_j)
+                assert bool(overlap.outside[0, i, j]) == bool(v_j - u_i)
+            counts = [int(reads_k[u, 0].sum()) for u in range(units) if u not in u_i]
+            assert float(overlap.most[0, i]) == max(counts, default=0)
+
+        q, k = _reading_box(aq, boxes[0], r), _reading_box(ak, boxes[1], r)
+        a = torch.rand(1, 1, rows, rows, generator=g, dtype=F64)
+        k_frob = (r * math.sqrt(float(torch.einsum(
+            "u...t,...t->u...", reads_k.to(F64),
+            torch.linalg.matrix_norm(ak, ord=2).square()).amax()))
+            + float(boxes[1].norm())) * torch.ones(1, 1, 1, dtype=F64) * (1 + 1e-12)
+        bound = _split_scores(1.0, q, k, a, k_frob, overlap)[0, 0]
+
+        def value(delta: Tensor, e: Tensor, f: Tensor, aq: Tensor = aq, ak: Tensor = ak,
+                  a: Tensor = a) -> Tensor:
+            dq = ((aq @ delta)[0] + e[0, 0]).norm(dim=-1)
+            dk = ((ak @ delta)[0] + f[0, 0]).norm(dim=-1)
+            return (a[0, 0] * dk).sum(-1) * dq
+
+        best = torch.zeros(rows, dtype=F64)
+        for i in range(rows):
+            for start in range(4):
+                delta = _ball_point(g, torch.Size((units * width,)), r)
+                e, f = [(2 * torch.rand(b.shape, generator=g, dtype=F64) - 1) * b
+                        for b in boxes]
+                for _ in range(60 if start else 0):
+                    delta.requires_grad_(True)
+                    e.requires_grad_(True)
+                    f.requires_grad_(True)
+                    steps = torch.autograd.grad(value(delta, e, f)[i], [delta, e, f])
+                    delta = delta.detach() + 0.1 * r * steps[0] / steps[0].norm().clamp(
+                        min=1e-300)
+                    delta = delta * torch.clamp(r / delta.norm(), max=1.0)
+                    e, f = [torch.where(st > 0, b, -b) for st, b in zip(steps[1:], boxes,
+                                                                         strict=True)]
+                y = value(delta.detach(), e.detach(), f.detach())
+                assert bool((y <= bound * (1 + 1e-9)).all()), f"case {case}"
+                best = torch.maximum(best, y)
+        if kind == "tight" and e_size == 0:
+            reached.append(float((best / bound).median()))
+    assert sorted(reached)[len(reached) // 2] >= 0.99, sorted(reached)

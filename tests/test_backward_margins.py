@@ -872,6 +872,41 @@ def test_row_grams_match_autograd(models: dict[str, nn.Module],
                 assert bool((blocks <= whole * (1 + 1e-8)).all()), name
 
 
+def test_first_attention_reads_match_the_jacobians(models: dict[str, nn.Module],
+                                                  mnist: tuple[Tensor, Tensor]) -> None:
+    """The input units that the forward walk says the first attention's query and key rows
+    read (``FwdCtx.units``, from the dependency analysis) against the rows' Jacobians by
+    reverse-mode autograd: their ``key_overlap`` (which keys meet or leave each query's
+    units, and the most keys per unit) equals the one of the exact nonzero columns on both
+    ViTs, where each row reads its own patch (near: the identity; one key per unit
+    outside), and the attention rule takes it up."""
+    x = mnist[0][:2]
+    for family in ("standard", "lipschitz"):
+        cert = MarginCertifier(export_model(models[family]))
+        iv = cert.intervals
+        iv.prepare(x)
+        assert iv.jacobians is not None
+        first = next(nd for nd in iv.graph.nodes if nd.target is SDPA)
+        names = [a.name for a in first.args[:2]]
+        exact = []
+        for name in names:
+            units = iv._units[name]
+            assert units.shape[0] == x[0].numel(), (family, name)
+            rows = _row_jacobians(iv, name, iv.jacobians.row_grams[name].shape[-1], x)
+            reads = (rows != 0).any(-2).any(0)  # (rows, input)
+            exact.append(reads.T.reshape(units.shape))
+        got = attention.key_overlap(iv._units[names[0]], iv._units[names[1]])
+        want = attention.key_overlap(*exact)
+        for field in ("near", "outside", "most"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (family, field)
+        heads, queries, keys = got.near.shape
+        assert torch.equal(got.near, torch.eye(queries, keys, dtype=torch.bool).expand(
+            heads, -1, -1)), family
+        assert bool((got.most == 1).all()), family
+        iv(x, torch.full((2,), 1e-3, dtype=torch.float64))
+        assert f"{first.name}.key_overlap" in iv._memo, family
+
+
 def _upper_and_close(value: Tensor, exact: Tensor) -> None:
     """``value`` is the float64 ``exact`` raised by its padding (1e-9 relative, 1e-12 of
     the largest entry): never below it, and above it by no more."""

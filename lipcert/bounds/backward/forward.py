@@ -72,7 +72,9 @@ def _finish(out: Any, lin: Tensor | None, lin_rows: Tensor | None = None,
     and conversely e ∈ [lo − x₀ − lin, hi − x₀ + lin]. The row deviation is at most the box's
     row norm, the sample's l2 and, with ``lin_rows`` = r·‖A_row‖₂, lin_rows + ‖e_row‖ (module
     docstring); every element moves at most its row's deviation. The own remainder's row
-    bound grows by the row norm of the padding. With ``lin_blocks``, the first-order part's
+    bound grows by the row norm of the padding; ``lin_rows`` is kept on the Box (attention's
+    own-term bound splits the ball's budget between rows with it). With ``lin_blocks``, the
+    first-order part's
     bound of ‖ΔX‖_F over the last two dimensions, the matrix deviation is lin_blocks + ‖e‖_F
     or the rows' √Σ rdev², the smaller."""
     if isinstance(out, list | tuple):
@@ -111,7 +113,7 @@ def _finish(out: Any, lin: Tensor | None, lin_rows: Tensor | None = None,
     lo = torch.maximum(lo, v - move)
     hi = torch.minimum(hi, v + move)
     return Box(v, lo, hi, out.l2, rdev, e_lo, e_hi, out.aux, own_lo, own_hi, out.dot,
-               own_rows, mdev)
+               own_rows, mdev, lin_rows)
 
 
 def input_box(domain: Domain, center: Tensor, radius: Tensor) -> Box:
@@ -148,6 +150,7 @@ class Intervals:
         self._grams: dict[str, Tensor] = {}
         self._row_norms: dict[str, Tensor] = {}
         self._block_norms: dict[str, Tensor] = {}
+        self._units: dict[str, Tensor] = {}
         self._memo: dict[str, Any] = {}
         self._sids: dict[str, Tensor | None] = {}
         self.jacobians: ForwardJacobians | None = None
@@ -181,9 +184,10 @@ class Intervals:
                        if self.batch_major(name)}
         self._row_norms = {name: _largest_singular(g) for name, g in
                            self.jacobians.row_grams.items() if self.batch_major(name)}
+        self._units = {name: units for name, units in self.jacobians.row_units.items()
+                       if name in self._row_norms}
         self._block_norms = {name: _matrix_norms(self._row_norms[name], units) for name, units
-                             in self.jacobians.row_units.items()
-                             if name in self._row_norms and units.dim() >= 3}
+                             in self._units.items() if units.dim() >= 3}
         self._memo = {}
 
     def batch_major(self, name: str) -> bool:
@@ -256,7 +260,8 @@ class Intervals:
         env: dict[str, Any] = {}
         ctx = FwdCtx(n=center.shape[0], cache=self.cache,
                      radius=radius if self.taylor else None,
-                     grams=self._grams if self.taylor else {}, memo=self._memo)
+                     grams=self._grams if self.taylor else {},
+                     units=self._units if self.taylor else {}, memo=self._memo)
         sym = self.symbolic_for(center) if self.taylor else None
         tighten = None if sym is None else (lambda name, out: sym.tighten(name, out, env))
         for node in self.graph.nodes:

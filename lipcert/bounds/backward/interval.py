@@ -109,6 +109,10 @@ class Box:
     dot: GroupDot | None = None  # ⟨u₀, x − x₀⟩ per group, for a normalisation reading x
     own_rows: Tensor | None = None  # shape[:-1]: bound of the own remainder's ‖row‖₂
     mdev: Tensor | None = None  # shape[:-2]: bound of ‖x − x₀‖_F over the last two dims
+    # shape[:-1]: r·‖A_row‖₂ ≥ ‖A_row·δ‖, the first-order part of the row deviation, where
+    # the input pass recorded the row's Gram matrix and the input units A_row reads
+    # (``FwdCtx.units``)
+    lin_rows: Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:

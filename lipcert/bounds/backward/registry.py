@@ -91,7 +91,8 @@ class FwdCtx:
     norms) keyed by the weight tensor, and the first-order parts of the Taylor models of
     internal quantities (attention scores and probabilities) by name, and the symbolic
     remainders' narrowing of an internal quantity's remainder (attention scores and
-    probabilities), and for attention the radii and its score rows' Gram matrices."""
+    probabilities), and for attention the radii, its score rows' Gram matrices and the
+    input units its queries' and keys' rows read."""
 
     node: Any = None
     n: int = 1
@@ -103,6 +104,9 @@ class FwdCtx:
     # ``<attention>.scores`` → Gram matrices of its score rows' Jacobians at the centre,
     # (n, …, L, S, S) with dim 0 the sample (``jacobian.py``)
     grams: dict[str, Tensor] = field(default_factory=dict)
+    # node name → (input units, …, T) bool: the units row t's centre Jacobian may read, where
+    # the node's Box has ``lin_rows`` (``jacobian.py``, ``row_units``)
+    units: dict[str, Tensor] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)  # centre-only values, per batch
 
     @property
