@@ -24,7 +24,7 @@ from lipcert.bounds.backward.evaluation import SDPA, as_f64, attention_parts_exa
 from lipcert.bounds.backward.forward import Intervals
 from lipcert.bounds.backward.jacobian import ForwardJacobians
 from lipcert.bounds.backward.margins import SPAN
-from lipcert.bounds.backward.rules import attention
+from lipcert.bounds.backward.rules import attention, attention_rows
 from lipcert.bounds.backward.search import grid_search
 from lipcert.data import load_dataset
 from lipcert.errors import LipcertError
@@ -874,12 +874,13 @@ def test_row_grams_match_autograd(models: dict[str, nn.Module],
 
 def test_first_attention_reads_match_the_jacobians(models: dict[str, nn.Module],
                                                   mnist: tuple[Tensor, Tensor]) -> None:
-    """The input units that the forward walk says the first attention's query and key rows
-    read (``FwdCtx.units``, from the dependency analysis) against the rows' Jacobians by
-    reverse-mode autograd: their ``key_overlap`` (which keys meet or leave each query's
-    units, and the most keys per unit) equals the one of the exact nonzero columns on both
-    ViTs, where each row reads its own patch (near: the identity; one key per unit
-    outside), and the attention rule takes it up."""
+    """The input units that the forward walk says the first attention's query, key and
+    value rows read (``FwdCtx.units``, from the dependency analysis) against the rows'
+    Jacobians by reverse-mode autograd: the overlaps of the queries' units with the keys'
+    and the values' (``key_overlap``: which rows meet or leave each query's units, and the
+    most rows per unit) equal those of the exact nonzero columns on both ViTs, where each
+    row reads its own patch (near: the identity; one row per unit outside), and the
+    attention rule takes them up (``Reads``, with the rows' Gram matrices)."""
     x = mnist[0][:2]
     for family in ("standard", "lipschitz"):
         cert = MarginCertifier(export_model(models[family]))
@@ -887,7 +888,7 @@ def test_first_attention_reads_match_the_jacobians(models: dict[str, nn.Module],
         iv.prepare(x)
         assert iv.jacobians is not None
         first = next(nd for nd in iv.graph.nodes if nd.target is SDPA)
-        names = [a.name for a in first.args[:2]]
+        names = [a.name for a in first.args[:3]]
         exact = []
         for name in names:
             units = iv._units[name]
@@ -895,16 +896,17 @@ def test_first_attention_reads_match_the_jacobians(models: dict[str, nn.Module],
             rows = _row_jacobians(iv, name, iv.jacobians.row_grams[name].shape[-1], x)
             reads = (rows != 0).any(-2).any(0)  # (rows, input)
             exact.append(reads.T.reshape(units.shape))
-        got = attention.key_overlap(iv._units[names[0]], iv._units[names[1]])
-        want = attention.key_overlap(*exact)
-        for field in ("near", "outside", "most"):
-            assert torch.equal(getattr(got, field), getattr(want, field)), (family, field)
-        heads, queries, keys = got.near.shape
-        assert torch.equal(got.near, torch.eye(queries, keys, dtype=torch.bool).expand(
-            heads, -1, -1)), family
-        assert bool((got.most == 1).all()), family
+        for other in (1, 2):
+            got = attention_rows.key_overlap(iv._units[names[0]], iv._units[names[other]])
+            want = attention_rows.key_overlap(exact[0], exact[other])
+            for field in ("near", "outside", "most"):
+                assert torch.equal(getattr(got, field), getattr(want, field)), (family, field)
+            heads, queries, keys = got.near.shape
+            assert torch.equal(got.near, torch.eye(queries, keys, dtype=torch.bool).expand(
+                heads, -1, -1)), family
+            assert bool((got.most == 1).all()), family
         iv(x, torch.full((2,), 1e-3, dtype=torch.float64))
-        assert f"{first.name}.key_overlap" in iv._memo, family
+        assert f"{first.name}.reads" in iv._memo, family
 
 
 def _upper_and_close(value: Tensor, exact: Tensor) -> None:

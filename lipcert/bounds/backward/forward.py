@@ -151,6 +151,7 @@ class Intervals:
         self._row_norms: dict[str, Tensor] = {}
         self._block_norms: dict[str, Tensor] = {}
         self._units: dict[str, Tensor] = {}
+        self._row_grams: dict[str, Tensor] = {}
         self._memo: dict[str, Any] = {}
         self._sids: dict[str, Tensor | None] = {}
         self.jacobians: ForwardJacobians | None = None
@@ -186,6 +187,8 @@ class Intervals:
                            self.jacobians.row_grams.items() if self.batch_major(name)}
         self._units = {name: units for name, units in self.jacobians.row_units.items()
                        if name in self._row_norms}
+        self._row_grams = {name: g for name, g in self.jacobians.row_grams.items()
+                           if name in self._units}
         self._block_norms = {name: _matrix_norms(self._row_norms[name], units) for name, units
                              in self._units.items() if units.dim() >= 3}
         self._memo = {}
@@ -261,7 +264,8 @@ class Intervals:
         ctx = FwdCtx(n=center.shape[0], cache=self.cache,
                      radius=radius if self.taylor else None,
                      grams=self._grams if self.taylor else {},
-                     units=self._units if self.taylor else {}, memo=self._memo)
+                     units=self._units if self.taylor else {},
+                     row_grams=self._row_grams if self.taylor else {}, memo=self._memo)
         sym = self.symbolic_for(center) if self.taylor else None
         tighten = None if sym is None else (lambda name, out: sym.tighten(name, out, env))
         for node in self.graph.nodes:

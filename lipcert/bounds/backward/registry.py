@@ -92,7 +92,7 @@ class FwdCtx:
     internal quantities (attention scores and probabilities) by name, and the symbolic
     remainders' narrowing of an internal quantity's remainder (attention scores and
     probabilities), and for attention the radii, its score rows' Gram matrices and the
-    input units its queries' and keys' rows read."""
+    input units its queries', keys' and values' rows read and their Gram matrices."""
 
     node: Any = None
     n: int = 1
@@ -107,6 +107,9 @@ class FwdCtx:
     # node name → (input units, …, T) bool: the units row t's centre Jacobian may read, where
     # the node's Box has ``lin_rows`` (``jacobian.py``, ``row_units``)
     units: dict[str, Tensor] = field(default_factory=dict)
+    # node name → (n, …, T, w, w) Gram matrices A_rowA_rowᵀ of its rows' centre Jacobians,
+    # where ``units`` has the node
+    row_grams: dict[str, Tensor] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)  # centre-only values, per batch
 
     @property

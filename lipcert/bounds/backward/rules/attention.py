@@ -45,6 +45,8 @@ from lipcert.bounds.backward.interval import (
     sum_to,
 )
 from lipcert.bounds.backward.registry import BackCtx, FwdCtx, backward_rule, forward_rule
+from lipcert.bounds.backward.rules import attention_rows
+from lipcert.bounds.backward.rules.attention_rows import Reads
 from lipcert.bounds.state import F64, gamma
 from lipcert.errors import LipcertError
 
@@ -785,9 +787,12 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
         ctr = sum(t[0] for t in own)
         rad = sum(t[1] for t in own) + slack
         own_lo, own_hi = ctr - rad, ctr + rad
+        radius = None if ctx.radius is None else ctx.radius.reshape(
+            -1, *([1] * (value.dim() - 2)))
+        rows = attention_rows.own_rows(parts.c, p0, dp, parts.soft_own, q, k, v, v0, value,
+                                       soft, radius, _reads(ctx, q, k, v))
         own_rows = torch.minimum(row_norm(torch.maximum(own_lo.abs(), own_hi.abs())),
-                                 _own_rows(parts, q, k, v, v0, value, soft,
-                                           _overlap(ctx, q, k)) + row_norm(slack))
+                                 rows + row_norm(slack))
     aux = {"p0": p0, "p_lo": p_lo, "p_hi": p_hi}
     if e_p is not None:
         aux["pe_lo"], aux["pe_hi"] = e_p
@@ -795,114 +800,26 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
                aux, own_lo, own_hi, own_rows=own_rows)
 
 
-def _frobenius(x: Any, heads: torch.Size) -> Tensor:
-    """A bound of ‖ΔX‖_F per sample and head (shape ``heads``, the leading dimensions of X
-    without its last two): the smallest of the rows' √Σ‖Δx_j‖², the sample's ℓ2 deviation
-    (``Box.l2``) and the matrix deviation from the Taylor model (``Box.mdev``,
-    ``forward.py``); 0 for a constant."""
-    if not isinstance(x, Box):
-        return torch.zeros(heads, dtype=F64)
-    by_rows = row_norm(x.row_dev())
-    if x.l2 is not None:
-        by_rows = torch.minimum(by_rows, x.l2.reshape(-1, *([1] * (by_rows.dim() - 1))))
-    if x.mdev is not None:
-        by_rows = torch.minimum(by_rows, x.mdev)
-    return by_rows.expand(heads)
-
-
-class KeyOverlap(NamedTuple):
-    """How the input units U_i read by query row i meet the units V_j read by key row j:
-    ``near`` (…, L, S), U_i ∩ V_j ≠ ∅; ``outside`` (…, L, S), V_j ⊄ U_i; ``most`` (…, L),
-    the most keys that read one unit outside U_i (0 where U_i holds every unit)."""
-
-    near: Tensor
-    outside: Tensor
-    most: Tensor
-
-
-def key_overlap(units_q: Tensor, units_k: Tensor) -> KeyOverlap:
-    """:class:`KeyOverlap` of query and key rows whose centre Jacobians read the input units
-    ``units_q`` (units, …, L) and ``units_k`` (units, …, S) (bool)."""
-    uq, uk = units_q.to(F64), units_k.to(F64)
-    near = torch.einsum("u...l,u...s->...ls", uq, uk) > 0
-    outside = torch.einsum("u...l,u...s->...ls", 1 - uq, uk) > 0
-    count = uk.sum(-1, keepdim=True)  # (units, …, 1)
-    most = torch.where(units_q, 0.0, count).amax(0)
-    return KeyOverlap(near, outside, most)
-
-
-def _overlap(ctx: FwdCtx, q: Any, k: Any) -> KeyOverlap | None:
-    """:func:`key_overlap` of this call's queries and keys where both Boxes carry their
-    rows' first-order parts (``Box.lin_rows``) and the walk knows the units they read."""
+def _reads(ctx: FwdCtx, q: Any, k: Any, v: Any) -> Reads | None:
+    """:class:`~lipcert.bounds.backward.rules.attention_rows.Reads` of this call where Q, K
+    and V are Boxes with their rows' first-order parts (``Box.lin_rows``) and Taylor
+    remainders, and the walk knows the units their rows read and the query and key rows'
+    Gram matrices (``FwdCtx.units``, ``FwdCtx.row_grams``)."""
     node = ctx.node
-    if node is None or not isinstance(q, Box) or not isinstance(k, Box) \
-            or q.lin_rows is None or k.lin_rows is None or not (q.has_e and k.has_e):
+    boxes = (q, k, v)
+    if node is None or not all(isinstance(x, Box) and x.lin_rows is not None and x.has_e
+                               for x in boxes):
         return None
-    names = [getattr(a, "name", None) for a in node.args[:2]]
+    names = [getattr(a, "name", None) for a in node.args[:3]]
     units = [ctx.units.get(n) if n is not None else None for n in names]
-    if units[0] is None or units[1] is None or units[0].shape[1:] != q.lin_rows.shape[1:] \
-            or units[1].shape[1:] != k.lin_rows.shape[1:]:
-        return None
-    key = f"{node.name}.key_overlap"
+    grams = [ctx.row_grams.get(n) if n is not None else None for n in names[:2]]
+    for x, u in zip(boxes, units, strict=True):
+        if u is None or u.shape[1:] != x.lin_rows.shape[1:]:
+            return None
+    for x, gram in zip(boxes, grams, strict=False):
+        if gram is None or gram.shape != (*x.shape, x.shape[-1]):
+            return None
+    key = f"{node.name}.reads"
     if key not in ctx.memo:
-        ctx.memo[key] = key_overlap(units[0], units[1])
+        ctx.memo[key] = attention_rows.reads(*units, *grams)
     return ctx.memo[key]
-
-
-def _split_scores(c: float, q: Box, k: Box, a: Tensor, k_frob: Tensor,
-                  overlap: KeyOverlap) -> Tensor:
-    """A bound of c·Σ_j a_ij‖ΔQ_i‖·‖ΔK_j‖ per query row (…, L) that splits the ball's
-    budget between the query and the keys (docs/local-margin.md, "Row norms of the own
-    terms"). With ΔQ_i = A_iδ + e_i, A_i reading only the units U_i of the input,
-    ‖ΔQ_i‖ ≤ q_i·s + η_i (s = ‖δ_{U_i}‖, r·q_i = ``lin_rows``, η_i ≥ ‖e_i‖), and likewise
-    ‖ΔK_j‖ ≤ k_j·t_j + κ_j with t_j = ‖δ_{V_j}‖ ≤ [V_j ∩ U_i ≠ ∅]·s + ‖δ_{V_j∖U_i}‖. Then,
-    with w_j = a_ij·k_j, Cauchy–Schwarz over the keys with V_j ⊄ U_i (the others have
-    δ_{V_j∖U_i} = 0) and Σ_j ‖δ_{V_j∖U_i}‖² ≤ m_i·‖δ_{∖U_i}‖² (:class:`KeyOverlap`) give
-    Σ_j w_j t_j ≤ αs + β√(r² − s²), α = Σ_{j near} w_j, β = √(m_i Σ_{V_j ⊄ U_i} w_j²),
-    and max over s ∈ [0, r] of q_i·s(αs + β√(r² − s²)) is
-    q_i r²(α + √(α² + β²))/2 (s = r·cos θ). The rest: q_i·r·Σ_j a_ij κ_j and
-    η_i·‖a_i‖·‖ΔK‖_F. Where each query and key read their own patch (a ViT's first block),
-    α = a_ii·k_i and the query's and the other keys' deviations share one budget: up to
-    half of the product bound c‖ΔQ_i‖·‖a_i‖·‖ΔK‖_F."""
-    e_q = row_norm(torch.maximum(q.e_lo.abs(), q.e_hi.abs()))  # type: ignore[union-attr]
-    e_k = row_norm(torch.maximum(k.e_lo.abs(), k.e_hi.abs()))  # type: ignore[union-attr]
-    assert q.lin_rows is not None and k.lin_rows is not None
-    w = a * k.lin_rows.unsqueeze(-2)  # (…, L, S), r·a_ij·k_j
-    alpha = (w * overlap.near).sum(-1)
-    beta = (overlap.most * (w.square() * overlap.outside).sum(-1)).sqrt()
-    first = q.lin_rows * (alpha + (alpha.square() + beta.square()).sqrt()) / 2
-    rest = q.lin_rows * (a * e_k.unsqueeze(-2)).sum(-1) + e_q * row_norm(a) * k_frob
-    return c * (first + rest) * (1 + gamma(a.shape[-1] + 8))
-
-
-def _own_rows(parts: AttentionParts, q: Any, k: Any, v: Any, v0: Tensor, y0: Tensor,
-              soft: tuple[Tensor, Tensor], overlap: KeyOverlap | None = None) -> Tensor:
-    """A bound of ‖R_i‖₂ per output row for the op's own remainder
-    R = J_{Y←S}·own_S + R_soft·V₀ + ΔP·ΔV (``sdpa_forward``), with own_S = c·ΔQΔKᵀ:
-
-    * ‖(J_{Y←S}·own_S)_i‖ = c‖Σ_j P⁰_ij(V₀_j − Y⁰_i)(ΔQ_i·ΔK_j)‖
-      ≤ c‖ΔQ_i‖·Σ_j a_ij‖ΔK_j‖ ≤ c‖ΔQ_i‖·‖a_i‖₂·‖ΔK‖_F, a_ij = P⁰_ij‖V₀_j − Y⁰_i‖;
-    * ‖(ΔP·ΔV)_i‖ ≤ Σ_j |ΔP_ij|·‖ΔV_j‖ ≤ ‖ΔP_i‖₂·‖ΔV‖_F;
-    * ‖(R_soft·V₀)_i‖: the norm of its elementwise enclosure ``soft``.
-
-    Cauchy–Schwarz over the keys with ‖ΔK‖_F, ‖ΔV‖_F (per sample and head,
-    :func:`_frobenius`) keeps the keys from all deviating at their worst at once, which
-    the elementwise products allow: before the first token mixing each key depends on its
-    own patch or token only, so ‖ΔK‖_F is about the largest ‖ΔK_j‖, not their sum. With
-    ``overlap`` (:func:`key_overlap`) the scores' part is also bounded by
-    :func:`_split_scores`, the smaller kept."""
-    heads = y0.shape[:-2]
-    p0 = parts.p0.expand(*heads, *parts.p0.shape[-2:])
-    spread = torch.linalg.vector_norm(v0.unsqueeze(-3) - y0.unsqueeze(-2), dim=-1)
-    a_keys = p0 * spread * (1 + gamma(v0.shape[-1] + 8))  # a_ij, rounded up
-    a = row_norm(a_keys)
-    q_rows = q.row_dev() if isinstance(q, Box) else torch.zeros(heads + y0.shape[-2:-1],
-                                                                   dtype=F64)
-    k_frob = _frobenius(k, heads).unsqueeze(-1)
-    scores = parts.c * q_rows * a * k_frob
-    if overlap is not None:
-        scores = torch.minimum(scores, _split_scores(parts.c, q, k, a_keys, k_frob, overlap))
-    dp = torch.maximum(parts.p_hi - parts.p0, parts.p0 - parts.p_lo)
-    probs = row_norm(dp.expand_as(p0)) * _frobenius(v, heads).unsqueeze(-1)
-    soft_c, soft_r = soft
-    return (scores + probs) * (1 + gamma(4)) + row_norm(soft_c.abs() + soft_r)
