@@ -837,8 +837,9 @@ def test_score_grams_match_autograd(models: dict[str, nn.Module],
 def test_row_grams_match_autograd(models: dict[str, nn.Module],
                                   mnist: tuple[Tensor, Tensor]) -> None:
     """The Gram matrices A_rowA_rowᵀ of the rows' Jacobians that the input pass records at
-    the nodes its compressed stack reads (before the first token mixing) against full
-    Jacobians by reverse-mode autograd, and the row norms the forward walk takes from them
+    the nodes its compressed stack reads (before the first token mixing) and after the
+    mixing (the first attention's output among them) against full Jacobians by
+    reverse-mode autograd, and the row norms the forward walk takes from them
     at least the exact ‖A_row‖₂ and within 1e-8 of it; the matrix norms (``Box.mdev``'s
     first-order part) at least the norm of each block's whole Jacobian, and equal to it at
     the first attention's inputs (each key depends on its own patch); both ViT families."""
@@ -853,6 +854,8 @@ def test_row_grams_match_autograd(models: dict[str, nn.Module],
         first = next(nd for nd in iv.graph.nodes if nd.target is SDPA)
         attention_inputs = {a.name for a in first.all_input_nodes}
         assert attention_inputs <= set(iv._block_norms), (family, sorted(iv._block_norms))
+        # after the first token mixing too, where the pass has one tangent per coordinate
+        assert first.name in grams, (family, sorted(grams))
         for name, gram in grams.items():
             rows = _row_jacobians(iv, name, gram.shape[-1], x)
             _assert_gram(gram, rows)

@@ -18,8 +18,9 @@ Row deviations from the Taylor model: x_row − x₀_row = A_row·δ + e_row, so
 ‖x_row − x₀_row‖ ≤ r·‖A_row‖₂ + ‖e_row‖ with the operator norm of the row's Jacobian, where
 the elementwise first-order parts r·‖A_e‖ add up to r·‖A_row‖_F (each element at its worst
 at once). ‖A_row‖₂² is the largest eigenvalue of the Gram matrix A_rowA_rowᵀ, which the
-input pass records at the nodes its compressed stack reads (``jacobian.py``; before the
-first token mixing, the rows of at most 64 elements); eigvalsh in float64 is raised by
+input pass records for the rows of at most 64 elements of the nodes it reaches
+(``jacobian.py``: its compressed stack before the first token mixing, its one tangent per
+input coordinate after it); eigvalsh in float64 is raised by
 10⁻⁹ of itself and 10⁻¹⁰ of the trace, which covers its backward error and the Gram
 matrix's rounding (both below 10⁻¹² of the trace).
 

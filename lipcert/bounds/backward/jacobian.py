@@ -8,9 +8,10 @@ of each recorded node's tangents. Attention nodes also give the norms of their s
 probabilities (``<node>.scores``, ``<node>.probs``), and the input pass the Gram matrix
 A_iA_iᵀ of each score row's Jacobian A_i = ∂s_i/∂x (S × input size) where a row has at most
 MAX_GRAM_KEYS keys (``ForwardJacobians.score_grams``; for attention's softmax terms,
-``rules/attention.py``), and of each row's Jacobian at the nodes its compressed stack
-reads (``ForwardJacobians.row_grams``; their largest eigenvalues bound the rows' ℓ2
-deviations, ``forward.py``).
+``rules/attention.py``), and of each row's Jacobian, of at most MAX_ROW_GRAM elements, at
+the nodes its compressed stack reads and at those its one-tangent-per-coordinate stack
+reaches after the first token mixing (``ForwardJacobians.row_grams``; their largest
+eigenvalues bound the rows' ℓ2 deviations, ``forward.py``).
 
 Compressed passes (derivation: docs/local-margin.md, "Cost"). The source's coordinates
 fall into units (its rows, or single coordinates); ``dependency.py`` finds which units
@@ -241,6 +242,12 @@ class _Plan:
         # pass records their rows' Gram matrices)
         self.row_free = {name for name in self.readable if total and self.deps[name].dim() >= 3
                          and conflict_free(self.deps[name].any(-1), self.colour, self.colours)}
+        # expanded nodes with rows (per sample at least two dimensions), read in the input
+        # pass, where the tangents are one per coordinate of every unit
+        self.row_spread = {nd.name for nd in chain if total and nd.name not in self.readable
+                           and jac.batch_major(nd.name)
+                           and isinstance(jac.vals[nd.name], Tensor)
+                           and jac.vals[nd.name].dim() >= 3}
         reach = {source} | {nd.name for nd in chain}
         inputs = {nd.name: {a.name for a in nd.all_input_nodes} & reach for nd in chain}
         later = {t for t in targets & reach if t != source and t not in self.readable}
@@ -294,8 +301,10 @@ class _Recorder:
     MAX_ROW_GRAM elements of the nodes the compressed stack reads where no row depends on
     two units of one colour (``row_grams``, (n, …, w, w)): there the sum over the
     compressed tangents is the row's Gram matrix, since each tangent carries one unit's
-    columns on every row; ``row_units``: which units each of those rows depends on
-    (units, …)."""
+    columns on every row; and of the nodes the expanded stack runs through
+    (``_Plan.row_spread``), where the tangents are the input's coordinates one by one;
+    ``row_units``: which units each of those rows depends on (units, …; every unit where
+    the dependency analysis has no mask)."""
 
     def __init__(self, plan: _Plan, total: bool, names: set[str]) -> None:
         self.plan, self.total, self.names = plan, total, names
@@ -313,11 +322,13 @@ class _Recorder:
                 gram = torch.einsum("t...j,t...k->...jk", t, t)
                 self.grams[name] = self.grams[name] + gram if name in self.grams else gram
             elif compressed and name in plan.row_free and t.shape[-1] <= MAX_ROW_GRAM:
-                gram = torch.einsum("t...j,t...k->...jk", t, t)
-                old = self.row_grams.get(name)
-                self.row_grams[name] = gram if old is None else old + gram
-                if old is None:
-                    self.row_units[name] = plan.deps[node].any(-1)[:, 0]
+                self._row_gram(name, t, plan.deps[node].any(-1)[:, 0])
+            elif not compressed and name == node and node in plan.row_spread \
+                    and t.shape[-1] <= MAX_ROW_GRAM:
+                dep = plan.deps.get(node)
+                units = (dep.any(-1)[:, 0] if isinstance(dep, Tensor) and dep.dim() >= 3
+                         else torch.ones(plan.units, *t.shape[2:-1], dtype=torch.bool))
+                self._row_gram(name, t, units)
         elif compressed:
             s = _square_sum(t, plan.colours)[plan.colour] * plan.deps[node]
         else:
@@ -329,6 +340,16 @@ class _Recorder:
             self.sq[name] += s
         else:
             self.sq[name].index_add_(0, us, s)
+
+
+    def _row_gram(self, name: str, t: Tensor, units: Tensor) -> None:
+        """Add Σ_c t_c[…, j]·t_c[…, k] over this chunk of tangents to the node's row Gram
+        matrices; ``units`` (units, …): which units each row depends on."""
+        gram = torch.einsum("t...j,t...k->...jk", t, t)
+        old = self.row_grams.get(name)
+        self.row_grams[name] = gram if old is None else old + gram
+        if old is None:
+            self.row_units[name] = units
 
 
 def _square_sum(t: Tensor, groups: int) -> Tensor:
