@@ -407,14 +407,16 @@ def test_softmax_quadratic_bound_holds_in_the_models(models: dict[str, nn.Module
     computes it from the score rows' Gram matrices and the radii, holds at random points
     of the ball and at points that push its widest entries up and down, at the certified
     radius and at 3× it; at the certified radius it is the quadratic form that decides,
-    and a radius passed to it 0.5× too small fails here."""
+    and a radius passed to it 0.5× too small fails here. So does the bound of R's row
+    norms (``softmax_own_norm``), at points that push the norms of the rows with the
+    largest bounds."""
     x32, y = mnist[0][:4], mnist[1][:4]
     x = x32.double()
     cert = MarginCertifier(export_model(models[family]))
     iv = cert.intervals
     certified = margin_radii(cert.prop, x32, y, steps=6).radius.clamp(min=1e-4)
     assert iv.prepare_symbolic(x32, y, cert.logits_name)
-    bounds: dict[str, tuple[Tensor, Tensor]] = {}
+    bounds: dict[str, tuple[tuple[Tensor, Tensor], Tensor]] = {}
     original = attention._quadratic
 
     def record(ctx: object, name: str, parts: object, v0: Tensor) -> object:
@@ -432,19 +434,27 @@ def test_softmax_quadratic_bound_holds_in_the_models(models: dict[str, nn.Module
         bounds.clear()
         iv(x32, radius)
         assert bounds, "no quadratic bound was used"
-        for name, (lo, hi) in bounds.items():
+        for name, ((lo, hi), norms) in bounds.items():
             node = nodes[name]
             v0 = at0[node.args[2].name]
             s0, p0 = at0[f"{name}.scores"], at0[f"{name}.probs"]
 
-            def r_v(adv: Tensor, node: torch.fx.Node = node, v0: Tensor = v0,
-                    s0: Tensor = s0, p0: Tensor = p0) -> Tensor:
+            def r_at(adv: Tensor, node: torch.fx.Node = node, s0: Tensor = s0,
+                     p0: Tensor = p0) -> Tensor:
                 ds = _values(iv, adv)[f"{node.name}.scores"] - s0
-                r = _softmax_remainder_at(p0, s0, ds)
-                return r @ v0
+                return _softmax_remainder_at(p0, s0, ds)
+
+            def r_v(adv: Tensor, r_at: Callable[[Tensor], Tensor] = r_at,
+                    v0: Tensor = v0) -> Tensor:
+                return r_at(adv) @ v0
+
+            def r_norm(adv: Tensor, r_at: Callable[[Tensor], Tensor] = r_at) -> Tensor:
+                return r_at(adv).norm(dim=-1)
 
             _holds_where_pushed(r_v, lo, hi, x, radius, g, 1e-12,
                                 f"{name}: R·V₀ outside its quadratic bound")
+            _holds_where_pushed(r_norm, torch.zeros_like(norms), norms, x, radius, g, 1e-12,
+                                f"{name}: ‖R_i‖ above softmax_own_norm")
 
 
 def _holds_where_pushed(value: Callable[[Tensor], Tensor], lo: Tensor, hi: Tensor, x: Tensor,

@@ -392,6 +392,30 @@ def _expansion_rest(row: _ScoreRow, w: Tensor, weight: Tensor, c_bar: Tensor,
             + (_by_key(w.abs(), row.dp) + gamma(S + 4) * c_bar.abs()) * row.var)
 
 
+class _Segment(NamedTuple):
+    """What holds of a score row all along the segment (each (…, L, 1); derivations in
+    :func:`softmax_cubic`): ``reach`` = max_j ρ_j; ``rho`` = ρ̂ ≥ |Δ_j − μ| for every key;
+    ``grow`` with p_j ≤ grow·p⁰_j; ``var`` ≥ V = Σ_j p_j(Δ_j − μ)²."""
+
+    reach: Tensor
+    rho: Tensor
+    grow: Tensor
+    var: Tensor
+
+
+def _segment(row: _ScoreRow, p0: Tensor, forms: ScoreForms, r: Tensor) -> _Segment:
+    """:class:`_Segment` of a score row."""
+    pad = gamma(p0.shape[-1] + 16)
+    reach = row.reach.amax(-1, keepdim=True)
+    rho = torch.minimum(reach, (r * forms.b_norm + row.eps).amax(-1, keepdim=True) + row.shift)
+    ratio = torch.where(p0 > 0, row.dp / p0, torch.where(row.dp > 0, math.inf, 0.0))
+    grow = 1 + ratio.amax(-1, keepdim=True) * (1 + pad)
+    first = (r * forms.pb_top + row_norm(p0.sqrt() * row.eps).unsqueeze(-1)).square()
+    moved = row.dp.amax(-1, keepdim=True) * row.n.square()
+    var = torch.minimum(row.var, torch.minimum(grow * first, first + moved)) * (1 + pad)
+    return _Segment(reach, rho, grow, var)
+
+
 def softmax_cubic(row: _ScoreRow, p0: Tensor, w: Tensor, c_bar: Tensor, forms: ScoreForms,
                   r: Tensor) -> Tensor:
     """A bound of |R·c − ½φ″(0)| per value column (w = c − c̄, (…, L, S, E); c̄ = ⟨p⁰, c⟩,
@@ -410,20 +434,13 @@ def softmax_cubic(row: _ScoreRow, p0: Tensor, w: Tensor, c_bar: Tensor, forms: S
     (and c̄, μ₀ from it) for the exact softmax(s₀); the difference, a few roundings of each
     p⁰_j, is below 4γ·(ℓ + |c̄|)·max_j ρ_j² added."""
     pad = gamma(p0.shape[-1] + 16)
-    live = row.live
-    live_v = live.unsqueeze(-1)
+    seg = _segment(row, p0, forms, r)
+    live_v = row.live.unsqueeze(-1)
     ell = (torch.where(live_v, w, -math.inf).amax(-2)
            - torch.where(live_v, w, math.inf).amin(-2)).clamp(min=0)
-    reach = row.reach.amax(-1, keepdim=True)
-    rho = torch.minimum(reach, (r * forms.b_norm + row.eps).amax(-1, keepdim=True) + row.shift)
-    ratio = torch.where(p0 > 0, row.dp / p0, torch.where(row.dp > 0, math.inf, 0.0))
-    grow = 1 + ratio.amax(-1, keepdim=True) * (1 + pad)  # p_j ≤ grow·p⁰_j
-    first = (r * forms.pb_top + row_norm(p0.sqrt() * row.eps).unsqueeze(-1)).square()
-    moved = row.dp.amax(-1, keepdim=True) * row.n.square()
-    v_seg = torch.minimum(row.var, torch.minimum(grow * first, first + moved)) * (1 + pad)
-    var_c = torch.minimum(grow * _by_key(w.square(), p0), ell.square() / 4) * (1 + pad)
-    rounding = 4 * pad * (ell + c_bar.abs()) * reach.square()
-    cubic = (ell * rho + 3 * (var_c * v_seg).sqrt()) * v_seg / 6 + rounding
+    var_c = torch.minimum(seg.grow * _by_key(w.square(), p0), ell.square() / 4) * (1 + pad)
+    rounding = 4 * pad * (ell + c_bar.abs()) * seg.reach.square()
+    cubic = (ell * seg.rho + 3 * (var_c * seg.var).sqrt()) * seg.var / 6 + rounding
     return cubic * (1 + pad)
 
 
@@ -456,6 +473,23 @@ def softmax_own_quadratic(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor,
     lo = 0.5 * (t1_lo - rest) * (1 + pad) - pad * t1_hi.abs() - TINY
     hi = 0.5 * (t1_hi + rest) * (1 + pad) + pad * t1_lo.abs() + TINY
     return lo, hi
+
+
+def softmax_own_norm(row: _ScoreRow, p0: Tensor, forms: ScoreForms, r: Tensor) -> Tensor:
+    """A bound of ‖R_i‖₂ per query row (…, L, 1) for softmax's own remainder R of a score
+    row (:class:`_ScoreRow`, ``forms`` and r as for :func:`softmax_cubic`). Along the
+    segment, d/dt p_j = p_j x_j and d²p_j/dt² = p_j(x_j² − V) (x_j = Δ_j − μ; exponential
+    family), so R = ∫₀¹ (1 − t)·p″(t)dt and ‖R‖ ≤ ½·sup_t ‖p ⊙ (x² − V)‖, where
+    ‖p ⊙ x²‖ ≤ √(max_j p_j x_j²·Σ_j p_j x_j²) ≤ V and ‖p ⊙ V‖ = V‖p‖, and also
+    ‖p ⊙ (x² − V)‖² ≤ max_j p_j·E[(x² − V)²] ≤ max_j p_j·ρ̂²V. With V and ρ̂ on the segment
+    (:class:`_Segment`: V has the Gram matrices' first order) and p ≤ p⁰ + Δp there,
+    ‖R_i‖ ≤ ½·min(V(1 + ‖p‖), √(max_j p_j)·ρ̂·√V): one bound for the row, where the
+    elementwise enclosure lets every key take its worst case at once."""
+    seg = _segment(row, p0, forms, r)
+    p_top = torch.where(row.live, p0 + row.dp, 0.0) * (1 + 4 * U)
+    by_var = seg.var * (1 + row_norm(p_top).unsqueeze(-1).clamp(max=1))
+    by_reach = (p_top.amax(-1, keepdim=True) * seg.var).sqrt() * seg.rho
+    return 0.5 * torch.minimum(by_var, by_reach) * (1 + gamma(p0.shape[-1] + 16)) + TINY
 
 
 def softmax_second_order(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor, d_hi: Tensor
@@ -703,9 +737,10 @@ def _score_remainder(q: Any, k: Any, c: float, s0: Tensor
 
 
 def _quadratic(ctx: FwdCtx, name: str | None, parts: AttentionParts, v0: Tensor
-               ) -> Pair | None:
-    """:func:`softmax_own_quadratic` for this call where the forward walk has the Gram
-    matrices of its score rows (``ctx.grams``, dim 0 the sample) and the radii."""
+               ) -> tuple[Pair, Tensor] | None:
+    """:func:`softmax_own_quadratic` and :func:`softmax_own_norm` for this call where the
+    forward walk has the Gram matrices of its score rows (``ctx.grams``, dim 0 the sample)
+    and the radii."""
     gram = ctx.grams.get(f"{name}.scores") if name is not None else None
     if gram is None or ctx.radius is None or parts.e_s is None or parts.ds is None \
             or parts.p_seg_lo is None or parts.p_seg_hi is None \
@@ -718,8 +753,10 @@ def _quadratic(ctx: FwdCtx, name: str | None, parts: AttentionParts, v0: Tensor
     if forms is None:
         return None
     radius = ctx.radius.reshape(-1, *([1] * (parts.p0.dim() - 1)))
-    return softmax_own_quadratic(parts.p0, parts.p_seg_lo, parts.p_seg_hi, *parts.ds,
-                                 *parts.e_s, v0, forms, radius)
+    args = (parts.p0, parts.p_seg_lo, parts.p_seg_hi, *parts.ds, *parts.e_s)
+    row = _score_row(*args, forms, radius)
+    return (softmax_own_quadratic(*args, v0, forms, radius),
+            softmax_own_norm(row, parts.p0, forms, radius).squeeze(-1))
 
 
 def _bt_pair(p: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -770,7 +807,8 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
     e_lo = e_hi = own_lo = own_hi = own_rows = None
     if e_p is not None and own_p is not None and (not isinstance(v, Box) or v.has_e):
         slack = err + 2 * U * (v0.abs() + w.abs()).amax(-2, keepdim=True)
-        soft = _soft_times(parts, v0, w, _quadratic(ctx, name, parts, v0))
+        quad = _quadratic(ctx, name, parts, v0)
+        soft = _soft_times(parts, v0, w, quad[0] if quad is not None else None)
         own = [_through_softmax(parts, parts.own_s, own_p, v0, w, value, soft)]
         terms = [_through_softmax(parts, parts.e_s, e_p, v0, w, value, soft)]
         if isinstance(v, Box):
@@ -789,8 +827,12 @@ def sdpa_forward(ctx: FwdCtx, q: Any, k: Any, v: Any, attn_mask: Any = None,
         own_lo, own_hi = ctr - rad, ctr + rad
         radius = None if ctx.radius is None else ctx.radius.reshape(
             -1, *([1] * (value.dim() - 2)))
-        rows = attention_rows.own_rows(parts.c, p0, dp, parts.soft_own, q, k, v, v0, value,
-                                       soft, radius, _reads(ctx, q, k, v))
+        assert parts.soft_own is not None
+        soft_rows = row_norm(torch.maximum(parts.soft_own[0].abs(), parts.soft_own[1].abs()))
+        if quad is not None:
+            soft_rows = torch.minimum(soft_rows, quad[1])
+        rows = attention_rows.own_rows(parts.c, p0, dp, soft_rows, q, k, v, v0, value, soft,
+                                       radius, _reads(ctx, q, k, v))
         own_rows = torch.minimum(row_norm(torch.maximum(own_lo.abs(), own_hi.abs())),
                                  rows + row_norm(slack))
     aux = {"p0": p0, "p_lo": p_lo, "p_hi": p_hi}

@@ -145,11 +145,12 @@ def split_scores(c: float, q: Box, k: Box, a: Tensor, k_frob: Tensor, overlap: K
     return _no_nan(c * (first + rest) * (1 + gamma(a.shape[-1] + 8)))
 
 
-def split_probs(c: float, p0: Tensor, soft_own: tuple[Tensor, Tensor], q: Box, k: Box,
-                v: Box, v_frob: Tensor, radius: Tensor, seen: Reads) -> Tensor:
+def split_probs(c: float, p0: Tensor, soft_rows: Tensor, q: Box, k: Box, v: Box,
+                v_frob: Tensor, radius: Tensor, seen: Reads) -> Tensor:
     """A bound of ‖(ΔP·ΔV)_i‖ per query row (…, L) that follows the first-order parts of
     ΔP into Q and K. With ΔS = c(ΔQK₀ᵀ + Q₀ΔKᵀ + ΔQΔKᵀ) and ΔP_i = J₀ΔS_i + R_i (J₀ the
-    softmax's Jacobian at the centre, R_i its own term over the score box, ``soft_own``),
+    softmax's Jacobian at the centre, R_i its own term over the score box, ‖R_i‖ at most
+    ``soft_rows``),
     (J₀ΔS_i)_j = p⁰_j(ΔS_ij − Σ_l p⁰_lΔS_il), so with K̄ = Σ_l p⁰_lK₀_l and u_j = K₀_j − K̄
 
         (ΔP·ΔV)_i = c·Σ_j p⁰_j[ΔQ_i·u_j + Q₀_i·ΔK_j + ΔQ_i·(ΔK_j − ΔK̄)]ΔV_j
@@ -217,12 +218,12 @@ def split_probs(c: float, p0: Tensor, soft_own: tuple[Tensor, Tensor], q: Box, k
     q_dev, k_dev = q.row_dev(), k.row_dev()
     pk_dev = p0 * k_dev.unsqueeze(-2)
     third = q_dev * ((pk_dev * v_dev.unsqueeze(-2)).sum(-1) + pk_dev.sum(-1) * pv_dev.sum(-1))
-    own = row_norm(torch.maximum(soft_own[0].abs(), soft_own[1].abs())) * v_frob
+    own = soft_rows * v_frob
     total = c * (by_query + by_key + by_others + third) + own
     return _no_nan(total * (1 + gamma(p0.shape[-1] + k0.shape[-1] + 16)))
 
 
-def own_rows(c: float, p0: Tensor, dp: Tensor, soft_own: tuple[Tensor, Tensor] | None,
+def own_rows(c: float, p0: Tensor, dp: Tensor, soft_rows: Tensor | None,
              q: Box | Tensor, k: Box | Tensor, v: Box | Tensor, v0: Tensor, y0: Tensor,
              soft: tuple[Tensor, Tensor], radius: Tensor | None, seen: Reads | None
              ) -> Tensor:
@@ -252,8 +253,8 @@ def own_rows(c: float, p0: Tensor, dp: Tensor, soft_own: tuple[Tensor, Tensor] |
     probs = row_norm(dp.expand_as(p0)) * v_frob
     if seen is not None and isinstance(q, Box) and isinstance(k, Box):
         scores = torch.minimum(scores, split_scores(c, q, k, a_keys, k_frob, seen.keys))
-        if isinstance(v, Box) and soft_own is not None and radius is not None:
-            probs = torch.minimum(probs, split_probs(c, p0, soft_own, q, k, v, v_frob,
+        if isinstance(v, Box) and soft_rows is not None and radius is not None:
+            probs = torch.minimum(probs, split_probs(c, p0, soft_rows, q, k, v, v_frob,
                                                      radius, seen))
     soft_c, soft_r = soft
     return (scores + probs) * (1 + gamma(4)) + row_norm(soft_c.abs() + soft_r)
