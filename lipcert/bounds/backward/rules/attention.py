@@ -858,7 +858,7 @@ def _reads(ctx: FwdCtx, q: Any, k: Any, v: Any) -> Reads | None:
     for x, u in zip(boxes, units, strict=True):
         if u is None or u.shape[1:] != x.lin_rows.shape[1:]:
             return None
-    for x, gram in zip(boxes, grams, strict=False):
+    for x, gram in zip(boxes[:2], grams, strict=True):
         if gram is None or gram.shape != (*x.shape, x.shape[-1]):
             return None
     key = f"{node.name}.reads"

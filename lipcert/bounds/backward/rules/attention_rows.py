@@ -6,10 +6,10 @@ R = J_{Y←S}·own_S + R_soft·V₀ + ΔP·ΔV (own_S = c·ΔQΔKᵀ, R_soft the
 and :func:`own_rows` bounds ‖R_i‖₂ per query row. Cauchy–Schwarz over the keys with the
 deviations' Frobenius norms keeps the keys from all deviating at their worst at once; where
 the input pass knows the first-order parts of Q, K and V row by row (:class:`Reads`: the
-input units each row's Jacobian reads and the query and key rows' Gram matrices, before the
-first token mixing), the products also share one budget: the query's and the keys'
-deviations cannot each take the whole radius at once when they read different parts of the
-input (:func:`budget_split`).
+input units each row's Jacobian reads and the query and key rows' Gram matrices), the
+products also share one budget: the query's and the keys' deviations cannot each take the
+whole radius at once when they read different parts of the input (:func:`budget_split`;
+before the first token mixing each row reads its own patch or token).
 """
 
 from __future__ import annotations
