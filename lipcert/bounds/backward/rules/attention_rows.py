@@ -1,5 +1,5 @@
 """Row norms of attention's own remainder (``Box.own_rows``; derivations in
-docs/local-margin.md, "Row norms of the own terms").
+docs/local-margin.md, "Symbolic remainders": row norms of the own terms).
 
 Y = softmax(c·QKᵀ + mask)V has, as a function of (Q, K, V) at the centre, the own remainder
 R = J_{Y←S}·own_S + R_soft·V₀ + ΔP·ΔV (own_S = c·ΔQΔKᵀ, R_soft the softmax's own term),
