@@ -844,6 +844,14 @@ def test_score_grams_match_autograd(models: dict[str, nn.Module],
             _assert_gram(gram, _row_jacobians(iv, name, gram.shape[-1], x))
 
 
+def _prepared(model: nn.Module, x: Tensor) -> tuple[Intervals, torch.fx.Node]:
+    """The margin certifier's forward intervals of ``model``, prepared for the centres x,
+    and its first attention node."""
+    iv = MarginCertifier(export_model(model)).intervals
+    iv.prepare(x)
+    return iv, next(nd for nd in iv.graph.nodes if nd.target is SDPA)
+
+
 def test_row_grams_match_autograd(models: dict[str, nn.Module],
                                   mnist: tuple[Tensor, Tensor]) -> None:
     """The Gram matrices A_rowA_rowᵀ of the rows' Jacobians that the input pass records at
@@ -855,13 +863,10 @@ def test_row_grams_match_autograd(models: dict[str, nn.Module],
     the first attention's inputs (each key depends on its own patch); both ViT families."""
     x = mnist[0][:2]
     for family in ("standard", "lipschitz"):
-        cert = MarginCertifier(export_model(models[family]))
-        iv = cert.intervals
-        iv.prepare(x)
+        iv, first = _prepared(models[family], x)
         assert iv.jacobians is not None
         grams = iv.jacobians.row_grams
         assert {"linear_1", "linear_2", "linear_3"} <= set(grams), (family, sorted(grams))
-        first = next(nd for nd in iv.graph.nodes if nd.target is SDPA)
         attention_inputs = {a.name for a in first.all_input_nodes}
         assert attention_inputs <= set(iv._block_norms), (family, sorted(iv._block_norms))
         # after the first token mixing too, where the pass has one tangent per coordinate
@@ -896,11 +901,8 @@ def test_first_attention_reads_match_the_jacobians(models: dict[str, nn.Module],
     attention rule takes them up (``Reads``, with the rows' Gram matrices)."""
     x = mnist[0][:2]
     for family in ("standard", "lipschitz"):
-        cert = MarginCertifier(export_model(models[family]))
-        iv = cert.intervals
-        iv.prepare(x)
+        iv, first = _prepared(models[family], x)
         assert iv.jacobians is not None
-        first = next(nd for nd in iv.graph.nodes if nd.target is SDPA)
         names = [a.name for a in first.args[:3]]
         exact = []
         for name in names:
