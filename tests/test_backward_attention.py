@@ -7,9 +7,11 @@ bounds are reached, so a bound too small by any factor fails here, which the end
 rule tests cannot promise. And softmax's own second-order remainder
 (``softmax_second_order``) at random and gradient-searched points of random score boxes,
 and its product with the values as a quadratic form of the input deviation
-(``softmax_own_quadratic``) at random and searched points of random balls. And the bound
-of the op's own remainder's row norms (``_own_rows``) at random and searched points, and
-at the points where each of its parts is attained."""
+(``softmax_own_quadratic``) at random and searched points of random balls, its third
+order and row norm likewise. And the bound of the op's own remainder's row norms
+(``attention_rows.own_rows``) at random and searched points, and at the points where each
+of its parts is attained, with the budget splits between queries, keys and values
+(``split_scores``, ``split_probs``) where the rows read known parts of the input."""
 
 from __future__ import annotations
 
@@ -429,7 +431,7 @@ def _tight_sets(kind: str, q0: Tensor, k0: Tensor, v0: Tensor, scale: float
 
 def test_attention_own_row_bound_holds_and_is_reached() -> None:
     """The attention rule's bound of its own remainder's row norms (``Box.own_rows``:
-    Cauchy–Schwarz over the keys with ‖ΔK‖_F and ‖ΔV‖_F, ``_own_rows``) holds at random
+    Cauchy–Schwarz over the keys with ‖ΔK‖_F and ‖ΔV‖_F, ``own_rows``) holds at random
     points of random input sets (boxes, row balls, and in half the cases a ball of the
     whole deviation) and at points pushed by gradient ascent on the row norms. Two kinds
     of sets with two keys and small deviations make one part exact, and the bound is

@@ -341,7 +341,6 @@ class _Recorder:
         else:
             self.sq[name].index_add_(0, us, s)
 
-
     def _row_gram(self, name: str, t: Tensor, units: Tensor) -> None:
         """Add Σ_c t_c[…, j]·t_c[…, k] over this chunk of tangents to the node's row Gram
         matrices; ``units`` (units, …): which units each row depends on."""
