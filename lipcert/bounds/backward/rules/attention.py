@@ -461,8 +461,13 @@ def softmax_own_quadratic(p0: Tensor, p_lo: Tensor, p_hi: Tensor, d_lo: Tensor,
     third-order Taylor term (:func:`softmax_cubic`). Where Δ is mostly first order this
     bound is the quadratic form's eigenvalues, not every entry's worst case at once; in
     the first block of the demo's ViTs it is 6–25× below :func:`softmax_own_times`."""
-    r = radius
-    row = _score_row(p0, p_lo, p_hi, d_lo, d_hi, e_lo, e_hi, forms, r)
+    row = _score_row(p0, p_lo, p_hi, d_lo, d_hi, e_lo, e_hi, forms, radius)
+    return _own_times_values(row, p0, v0, forms, radius)
+
+
+def _own_times_values(row: _ScoreRow, p0: Tensor, v0: Tensor, forms: ScoreForms, r: Tensor
+                      ) -> Pair:
+    """:func:`softmax_own_quadratic` for a score row already summarised (:class:`_ScoreRow`)."""
     c_bar = p0 @ v0  # (…, L, E)
     w = v0.unsqueeze(-3) - c_bar.unsqueeze(-2)  # (…, L, S, E)
     weight = p0.unsqueeze(-1) * w
@@ -753,9 +758,9 @@ def _quadratic(ctx: FwdCtx, name: str | None, parts: AttentionParts, v0: Tensor
     if forms is None:
         return None
     radius = ctx.radius.reshape(-1, *([1] * (parts.p0.dim() - 1)))
-    args = (parts.p0, parts.p_seg_lo, parts.p_seg_hi, *parts.ds, *parts.e_s)
-    row = _score_row(*args, forms, radius)
-    return (softmax_own_quadratic(*args, v0, forms, radius),
+    row = _score_row(parts.p0, parts.p_seg_lo, parts.p_seg_hi, *parts.ds, *parts.e_s, forms,
+                     radius)
+    return (_own_times_values(row, parts.p0, v0, forms, radius),
             softmax_own_norm(row, parts.p0, forms, radius).squeeze(-1))
 
 

@@ -102,20 +102,24 @@ def _query_sensitivity(gram_q: Tensor, u: Tensor) -> Tensor:
     (n, …, L, E, E) and directions u (n, …, L, S, E), rounded up: G carries a relative
     error below 1e-9 (``jacobian.py``) and |G_ab| ≤ max_a G_aa, so
     10⁻⁸·max_a G_aa·(Σ|u|)² covers it and the float sum."""
-    form = torch.einsum("...lse,...lef,...lsf->...ls", u, gram_q, u).clamp(min=0)
+    form = torch.einsum("...lse,...lef,...lsf->...ls", u, gram_q, u)
     top = torch.diagonal(gram_q, dim1=-2, dim2=-1).amax(-1, keepdim=True)  # (…, L, 1)
-    pad = 1e-8 * top * u.abs().sum(-1).square()
-    return (form * (1 + 4 * U) + pad).sqrt() * (1 + 4 * U)
+    return _rounded_root(form, top * u.abs().sum(-1).square())
 
 
 def _key_sensitivity(gram_k: Tensor, q0: Tensor) -> Tensor:
     """γ_ij ≥ ‖B_jᵀQ₀_i‖ = √(Q₀_iᵀH_jQ₀_i) (…, L, S) for the key rows' Gram matrices H_j
     (n, …, S, E, E) and the centre queries Q₀ (n, …, L, E), rounded up as in
     :func:`_query_sensitivity`."""
-    form = torch.einsum("...le,...sef,...lf->...ls", q0, gram_k, q0).clamp(min=0)
+    form = torch.einsum("...le,...sef,...lf->...ls", q0, gram_k, q0)
     top = torch.diagonal(gram_k, dim1=-2, dim2=-1).amax(-1).unsqueeze(-2)  # (…, 1, S)
-    pad = 1e-8 * top * q0.abs().sum(-1, keepdim=True).square()
-    return (form * (1 + 4 * U) + pad).sqrt() * (1 + 4 * U)
+    return _rounded_root(form, top * q0.abs().sum(-1, keepdim=True).square())
+
+
+def _rounded_root(form: Tensor, scale: Tensor) -> Tensor:
+    """√form rounded up, form a computed quadratic form uᵀGu whose error (G's and the sum's)
+    is below 10⁻⁸·``scale`` (scale = max_a G_aa·(Σ|u|)²)."""
+    return (form.clamp(min=0) * (1 + 4 * U) + 1e-8 * scale).sqrt() * (1 + 4 * U)
 
 
 def _no_nan(bound: Tensor) -> Tensor:
